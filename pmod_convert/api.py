@@ -1,0 +1,221 @@
+"""The Python API behind the CLI: plain functions over transformers models and checkpoint folders."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import ArchitectureAdapter, get_adapter
+from .checkpoint import atomic_folder, copy_processor_files, read_config, read_router_tensors
+from .errors import CheckpointError, RecipeError
+from .mod.context import RoutingContext
+from .mod.inject import check_attention, convert_layer
+from .mod.layer import MoDLayerMixin
+from .mod.router import ROUTER_NAME
+from .recipe import Recipe, RouterSettings, ScheduleSettings
+
+log = logging.getLogger("pmod_convert")
+PMOD_FORMAT = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LayerInfo:
+    index: int
+    ratio: float | None  # None: dense layer
+    tanh_alpha: float | None = None
+    tanh_beta: float | None = None
+
+
+def add_routers(model: nn.Module, recipe: Recipe | None = None) -> nn.Module:
+    """Convert ``model`` in place into an MoD model following ``recipe`` (default: published p-MoD settings)."""
+    recipe = (recipe or Recipe()).validate()
+    adapter = get_adapter(model)
+    num_layers = len(adapter.decoder_layers(model))
+    ratios = recipe.schedule.layer_ratios(num_layers)
+    _apply(model, adapter, ratios, recipe.router)
+    model.config.pmod = _pmod_section(adapter, model, ratios, recipe)
+    return model
+
+
+def _routing_root(model: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
+    # The multimodal base model (``model.model``) receives input_ids via __call__ even under peft,
+    # whose tuner calls the top model's ``forward`` directly (hooks on the top model would not fire).
+    return getattr(model, adapter.layers_path.split(".")[0])
+
+
+def _apply(model: nn.Module, adapter: ArchitectureAdapter, ratios: list[float | None], router: RouterSettings) -> None:
+    check_attention(adapter.text_config(model.config))
+    layers = adapter.decoder_layers(model)
+    if len(ratios) != len(layers):
+        raise RecipeError(f"schedule has {len(ratios)} layer ratios but the model has {len(layers)} decoder layers")
+    context: RoutingContext | None = getattr(model, "_pmod_context", None)
+    if context is None:
+        context = RoutingContext(adapter.vision_token_ids(model.config))
+        model._pmod_context = context
+        model._pmod_hook = context.attach(_routing_root(model, adapter))
+    hidden = adapter.text_config(model.config).hidden_size
+    for index, (layer, ratio) in enumerate(zip(layers, ratios)):
+        if ratio is None:
+            if isinstance(layer, MoDLayerMixin):
+                raise RecipeError(f"layer {index} is already an MoD layer; a schedule cannot make it dense again")
+            continue
+        convert_layer(layer, ratio, context, hidden_size=hidden, alpha=router.tanh_alpha,
+                      beta=router.tanh_beta, bias=router.bias)
+
+
+def _pmod_section(adapter: ArchitectureAdapter, model: nn.Module, ratios: list[float | None], recipe: Recipe) -> dict:
+    return {
+        "format": PMOD_FORMAT,
+        "version": __version__,
+        "family": adapter.family,
+        "target_token_ids": adapter.vision_token_ids(model.config),
+        "layer_ratios": ratios,
+        "mod_layers": [i for i, r in enumerate(ratios) if r is not None],
+        "schedule": recipe.schedule.__dict__.copy(),
+        "router": recipe.router.__dict__.copy(),
+    }
+
+
+def layer_infos(model: nn.Module) -> list[LayerInfo]:
+    """Per decoder layer: MoD ratio and router settings (None for dense layers)."""
+    infos = []
+    for i, layer in enumerate(get_adapter(model).decoder_layers(model)):
+        if isinstance(layer, MoDLayerMixin):
+            router = getattr(layer, ROUTER_NAME)
+            infos.append(LayerInfo(i, layer.pmod_ratio, router.alpha, router.beta))
+        else:
+            infos.append(LayerInfo(i, None))
+    return infos
+
+
+def is_pmod_model(model: nn.Module) -> bool:
+    return any(info.ratio is not None for info in layer_infos(model))
+
+
+def save_pretrained(model: nn.Module, path: str | Path, *, source: str | Path | None = None,
+                    recipe: Recipe | None = None, overwrite: bool = False) -> Path:
+    """Write an MoD model as an HF folder (safetensors, config with a ``pmod`` section, recipe.yaml).
+
+    ``source``: a checkpoint folder whose processor/tokenizer files are copied over.
+    The folder is written to a temporary sibling and moved into place only when complete.
+    """
+    if getattr(model.config, "pmod", None) is None:
+        raise CheckpointError("this model has no MoD layers; call pmod_convert.add_routers(model, recipe) first")
+    if recipe is None:
+        recipe = recipe_from_config(model.config.pmod)
+    with atomic_folder(path, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if source is not None:
+            copy_processor_files(source, tmp)
+        recipe.save(tmp / "recipe.yaml")
+    return Path(path)
+
+
+def recipe_from_config(pmod: dict) -> Recipe:
+    return Recipe(router=RouterSettings(**pmod.get("router", {})),
+                  schedule=ScheduleSettings(**pmod.get("schedule", {})))
+
+
+@contextlib.contextmanager
+def _routers_expected(model_cls: type) -> Iterator[None]:
+    """Router keys are loaded by us after ``from_pretrained``; keep transformers from reporting them."""
+    previous = model_cls.__dict__.get("_keys_to_ignore_on_load_unexpected", None)
+    model_cls._keys_to_ignore_on_load_unexpected = list(previous or []) + [rf"\.{ROUTER_NAME}\."]
+    try:
+        yield
+    finally:
+        if previous is None:
+            del model_cls._keys_to_ignore_on_load_unexpected
+        else:
+            model_cls._keys_to_ignore_on_load_unexpected = previous
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise RecipeError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
+               attn_implementation: str | None = None) -> nn.Module:
+    """Load a supported multimodal checkpoint folder with transformers (no routing)."""
+    config = read_config(path)
+    adapter = get_adapter(config)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    cls = adapter.model_cls()
+    try:
+        with _routers_expected(cls):
+            model = cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
+                    attn_implementation: str | None = None) -> nn.Module:
+    """Load a pmod checkpoint folder: the transformers model with its MoD layers and trained routers."""
+    config = read_config(path)
+    pmod = config.get("pmod")
+    if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
+        raise CheckpointError(f"{path} is not a pmod-convert checkpoint (no 'pmod' section in config.json); "
+                              "create one with `pmod-convert add-routers`")
+    if pmod.get("format", 0) > PMOD_FORMAT:
+        raise CheckpointError(f"{path} was written by a newer pmod-convert (format {pmod['format']}); upgrade pmod-convert")
+    model = load_dense(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation)
+    adapter = get_adapter(model)
+    recipe = recipe_from_config(pmod)
+    _apply(model, adapter, list(pmod["layer_ratios"]), recipe.router)
+    model.config.pmod = pmod
+    _load_router_weights(model, path)
+    return model
+
+
+def _load_router_weights(model: nn.Module, path: str | Path) -> None:
+    stored = read_router_tensors(path)
+    expected = {k: v for k, v in model.state_dict().items() if f".{ROUTER_NAME}." in k}
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise CheckpointError(f"{path} lacks router weights {missing[0]} (and {len(missing) - 1} more); "
+                              "the checkpoint is incomplete")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for key in expected:
+            value = stored[key]
+            if value.shape != params[key].shape:
+                raise CheckpointError(f"{path}: router weight {key} has shape {tuple(value.shape)}, "
+                                      f"expected {tuple(params[key].shape)}")
+            params[key].copy_(value.to(params[key].dtype))
+
+
+def convert(source: str | Path, out: str | Path, recipe: Recipe | None = None, *,
+            overwrite: bool = False) -> Path:
+    """``pmod-convert add-routers``: load SOURCE, add routers per ``recipe``, write OUT."""
+    recipe = (recipe or Recipe()).validate()
+    config = read_config(source)
+    adapter = get_adapter(config)
+    text = config.get(adapter.text_config_attr) or {}
+    depth = text.get("num_hidden_layers")
+    if isinstance(depth, int):
+        recipe.schedule.layer_ratios(depth)  # fail on a bad schedule before loading any weight
+    if Path(out).exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    model = load_dense(source, dtype=recipe.dtype)
+    add_routers(model, recipe)
+    return save_pretrained(model, out, source=source, recipe=recipe, overwrite=overwrite)

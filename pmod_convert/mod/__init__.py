@@ -1,0 +1,1 @@
+"""The MoD engine: router, routing context, MoD layer, MoD cache, PRD schedules, injection."""

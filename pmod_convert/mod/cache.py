@@ -1,0 +1,119 @@
+"""A KV-cache layer for MoD layers: stores kept tokens only, reports the logical length."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..errors import PmodError
+
+
+class MoDCacheLayer(DynamicLayer):
+    """Keys/values of the tokens an MoD layer kept, with each entry's logical slot.
+
+    ``slots[b, j]`` is the position (in the logical sequence that transformers sees) of physical
+    entry ``j`` of row ``b``, or -1 for padding (rows keep different numbers of tokens).
+    ``get_seq_length()`` and ``get_mask_sizes()`` report the LOGICAL length, because position ids
+    and masks for the whole model are built from one layer's cache (layer 0 may be an MoD layer).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.slots: torch.Tensor | None = None
+        self.logical_length = 0
+        self.compressed = False  # True once physical entries stop mapping 1:1 to logical slots
+        self._pending: tuple[torch.Tensor, int] | None = None
+
+    @classmethod
+    def from_dynamic(cls, layer: DynamicLayer) -> "MoDCacheLayer":
+        new = cls()
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
+            new.update(layer.keys, layer.values)
+        return new
+
+    def arm(self, slots: torch.Tensor, query_length: int, compressed: bool) -> None:
+        """Announce the slots of the keys the next ``update`` receives, and the logical step size."""
+        self._pending = (slots, query_length, compressed)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        pending, self._pending = self._pending, None
+        if pending is None:  # not routed (e.g. converted from a dense layer): every token is kept
+            n = key_states.shape[-2]
+            slots = torch.arange(n, device=key_states.device) + self.logical_length
+            pending = (slots.expand(key_states.shape[0], n), n, False)
+        slots, query_length, compressed = pending
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self.slots = slots if self.slots is None else torch.cat([self.slots, slots.to(self.slots.device)], dim=1)
+        self.logical_length += query_length
+        self.compressed = self.compressed or compressed
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.logical_length + query_length, 0
+
+    def physical_length(self) -> int:
+        return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+
+    def kept_lengths(self) -> torch.Tensor:
+        """Valid cached entries per row (padding excluded)."""
+        if self.slots is None:
+            return torch.zeros(0, dtype=torch.long)
+        return (self.slots >= 0).sum(1)
+
+    def reset(self) -> None:
+        super().reset()
+        self.slots, self.logical_length, self.compressed, self._pending = None, 0, False, None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.slots is not None:
+            self.slots = self.slots.index_select(0, beam_idx.to(self.slots.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.slots is not None:
+            self.slots = self.slots.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.slots is not None:
+            self.slots = self.slots[indices, ...]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("MoDCacheLayer.crop takes a negative number of tokens to remove")
+        if tokens_to_remove == 0 or self.slots is None:
+            return
+        new_length = max(self.logical_length + tokens_to_remove, 0)
+        slots = self.slots.masked_fill(self.slots >= new_length, -1)
+        valid_cols = (slots >= 0).any(0).nonzero()
+        keep = int(valid_cols.max()) + 1 if valid_cols.numel() else 0
+        self.keys, self.values, self.slots = self.keys[..., :keep, :], self.values[..., :keep, :], slots[:, :keep]
+        self.logical_length = new_length
+        self.compressed = True
+
+
+def mod_cache_layer(cache: Cache | None, layer_idx: int) -> MoDCacheLayer | None:
+    """The MoD cache layer for ``layer_idx`` in ``cache``, swapping in one where a plain dynamic layer is."""
+    if cache is None:
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise PmodError(f"MoD layers need a transformers Cache object, got {type(cache).__name__}")
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    if replicate is not None:
+        while len(layers) <= layer_idx:
+            layers.append(replicate())
+    current = layers[layer_idx]
+    if isinstance(current, MoDCacheLayer):
+        return current
+    if type(current) is not DynamicLayer:
+        raise PmodError(
+            f"MoD layers work with DynamicCache only (layer {layer_idx} has a {type(current).__name__}); "
+            "use the default cache (no cache_implementation='static'/'sliding_window'/'quantized')"
+        )
+    layers[layer_idx] = MoDCacheLayer.from_dynamic(current)
+    return layers[layer_idx]

@@ -1,0 +1,109 @@
+"""Pure tensor functions of an MoD layer: choose kept tokens, gather them, cut the attention mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def select_tokens(logits: torch.Tensor, targets: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep mask ``[batch, seq]``: every non-target token, plus the top ``floor(ratio * n)`` targets per row.
+
+    A stable descending sort breaks ties (a fresh zero router gives all-equal logits) by original
+    order, the same way at every sequence length, so cached and uncached runs keep the same tokens.
+    """
+    n_targets = targets.sum(1)
+    k = torch.floor(n_targets.to(torch.float64) * ratio + 1e-6).long().clamp(max=n_targets)
+    scores = logits.float().masked_fill(~targets, float("-inf"))
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(logits.shape[1], device=logits.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    return ~targets | (rank < k.unsqueeze(1))
+
+
+@dataclass
+class Gather:
+    """Kept tokens of each row, left-aligned in original order and padded to the longest row."""
+
+    index: torch.Tensor  # [batch, kept] positions in the input sequence (padding entries: any position)
+    valid: torch.Tensor  # [batch, kept] False for padding entries
+    seq_len: int
+
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor) -> "Gather":
+        kept = keep.sum(1)
+        width = int(kept.max()) if kept.numel() else 0
+        index = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width, device=keep.device).unsqueeze(0) < kept.unsqueeze(1)
+        return cls(index=index, valid=valid, seq_len=keep.shape[1])
+
+    @property
+    def is_identity(self) -> bool:
+        return self.index.shape[1] == self.seq_len and bool(self.valid.all())
+
+    def take(self, tensor: torch.Tensor | None, token_dim: int) -> torch.Tensor | None:
+        """Gather kept tokens along ``token_dim`` (batch is the dim before it, broadcast if 1)."""
+        if tensor is None or not isinstance(tensor, torch.Tensor):
+            return tensor
+        token_dim = token_dim % tensor.dim()
+        if tensor.shape[token_dim] != self.seq_len:
+            return tensor
+        batch_dim = token_dim - 1
+        shape = list(tensor.shape)
+        shape[batch_dim] = self.index.shape[0]
+        tensor = tensor.expand(shape)
+        view = [1] * tensor.dim()
+        view[batch_dim], view[token_dim] = self.index.shape
+        idx_shape = list(tensor.shape)
+        idx_shape[token_dim] = self.index.shape[1]
+        idx = self.index.view(view).expand(idx_shape)
+        return torch.gather(tensor, token_dim, idx)
+
+    def scatter(self, base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``base`` [batch, seq, hidden] with kept positions replaced by ``values`` [batch, kept, hidden]."""
+        batch, seq, hidden = base.shape
+        # Padding entries write into an extra dummy position that is sliced off.
+        target = torch.where(self.valid, self.index, torch.full_like(self.index, seq))
+        padded = torch.cat([base, base.new_zeros(batch, 1, hidden)], dim=1)
+        out = padded.scatter(1, target.unsqueeze(-1).expand(-1, -1, hidden), values)
+        return out[:, :seq]
+
+
+def kept_attention_mask(
+    mask: torch.Tensor | None,
+    query_index: torch.Tensor,
+    query_valid: torch.Tensor,
+    query_slots: torch.Tensor,
+    key_slots: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The model's own 4-D mask cut to kept queries (rows) and cached/kept keys (columns).
+
+    ``mask`` is what the decoder layer received: a bool (sdpa) or additive float (eager) tensor of
+    shape ``[b, 1, q, kv]`` with ``kv`` logical positions, or None (plain causal, no padding).
+    ``key_slots`` ``[batch, keys]`` are logical positions of the physical keys, -1 for padding entries.
+    Padding query rows attend to everything: finite garbage that is discarded, never NaN.
+    """
+    batch, n_keys = key_slots.shape
+    key_ok = key_slots >= 0
+    if mask is None:
+        allowed = (key_slots.unsqueeze(1) <= query_slots.unsqueeze(2)) & key_ok.unsqueeze(1)
+        allowed = (allowed | ~query_valid.unsqueeze(2)).unsqueeze(1)
+        if dtype == torch.bool:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    if int(key_slots.max()) >= mask.shape[-1]:
+        raise RuntimeError(
+            f"attention mask covers {mask.shape[-1]} positions but the MoD cache holds position {int(key_slots.max())}"
+        )
+    mask = mask.expand(batch, mask.shape[1], mask.shape[2], mask.shape[3])
+    rows = torch.gather(mask, 2, query_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+    cols = torch.gather(rows, 3, key_slots.clamp(min=0)[:, None, None, :].expand(-1, mask.shape[1], rows.shape[2], -1))
+    bad_key = ~key_ok[:, None, None, :]
+    pad_query = ~query_valid[:, None, :, None]
+    if cols.dtype == torch.bool:
+        return (cols & ~bad_key) | pad_query
+    return cols.masked_fill(bad_key, torch.finfo(cols.dtype).min).masked_fill(pad_query, 0.0)
