@@ -1,1 +1,34 @@
-from .base import ArchitectureAdapter, adapter_by_family, all_adapters, get_adapter, register, supported_families  # noqa
+"""Per-family adapters.  Importing this package registers every supported family.
+
+Each adapter's ``tiny_config(**overrides)`` builds a small random-weight config (override rules:
+``pmod_convert.tiny``) and ``dummy_inputs(config, *, batch_size=1, text_lengths=None,
+images_per_row=None, padding_side="left", seed=0, image_sizes=None)`` builds a dict for
+``model(**inputs)`` / ``model.generate(**inputs)``:
+
+* ``images_per_row``: int or per-row list (default 1 each; 0 allowed in every family);
+* ``image_sizes``: flat list of (height, width), one per image in row order (any-res families;
+  ignored by fixed-size LLaVA-1.5); by default cycles family sizes so rows differ in token count;
+* ``text_lengths``: random text tokens per row (default ``8 + 5*i``), split around the images;
+* rows are padded on ``padding_side`` with ``attention_mask`` zeros.
+
+Video families (llava_onevision, qwen2_vl, qwen2_5_vl) also take ``videos_per_row``.
+"""
+
+from . import idefics3, llava, llava_next, llava_onevision, qwen2_vl  # noqa: F401  (registration)
+from .base import (
+    ArchitectureAdapter,
+    adapter_by_family,
+    all_adapters,
+    get_adapter,
+    register,
+    supported_families,
+)
+
+__all__ = [
+    "ArchitectureAdapter",
+    "adapter_by_family",
+    "all_adapters",
+    "get_adapter",
+    "register",
+    "supported_families",
+]

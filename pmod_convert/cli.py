@@ -1,0 +1,243 @@
+"""The ``pmod-convert`` command line: thin Typer commands over ``pmod_convert.api``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import PmodError, RecipeError
+from .recipe import Recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert dense multimodal LLMs into Mixture-of-Depths (p-MoD) models.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def one_line_errors(func):
+    """Library errors become ``error: <message>`` on stderr and a non-zero exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except PmodError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+# ---- shared schedule options -------------------------------------------------------------------
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="YAML recipe; options below override its values.")]
+ScheduleOpt = Annotated[Optional[str], typer.Option(
+    "--schedule", help="shiftedcos | shiftedlinear | constant | explicit (default: shiftedcos, the published p-MoD PRD).")]
+AvgOpt = Annotated[Optional[float], typer.Option("--avg-ratio", help="Average factor a of the shifted curves (0.5).")]
+MaxOpt = Annotated[Optional[float], typer.Option("--max-ratio", help="Layers whose curve is <= this become MoD (0.85).")]
+MinOpt = Annotated[Optional[float], typer.Option("--min-ratio", help="Lowest retention ratio (0.15).")]
+RatioOpt = Annotated[Optional[float], typer.Option("--ratio", help="Retention ratio of a constant schedule, in (0, 1].")]
+LayersOpt = Annotated[Optional[str], typer.Option(
+    "--layers", help="Only these layers become MoD: '8,9,12' or '8-31'.")]
+RatiosOpt = Annotated[Optional[str], typer.Option(
+    "--ratios", help="Explicit schedule, one entry per layer: '1,1,dense,0.5,...' ('dense' = no router).")]
+AlphaOpt = Annotated[Optional[float], typer.Option("--tanh-alpha", help="TanhNorm alpha (0.2).")]
+BetaOpt = Annotated[Optional[float], typer.Option("--tanh-beta", help="TanhNorm beta (1.0).")]
+
+
+def parse_layers(text: str) -> list[int]:
+    layers: list[int] = []
+    try:
+        for part in text.replace(" ", "").split(","):
+            if not part:
+                continue
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                layers.extend(range(int(lo), int(hi) + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise RecipeError(f"--layers must look like '8,9,12' or '8-31', got {text!r}") from None
+    return layers
+
+
+def parse_ratios(text: str) -> list[float | None]:
+    out: list[float | None] = []
+    for part in text.replace(" ", "").split(","):
+        if part.lower() in ("dense", "none", "-"):
+            out.append(None)
+            continue
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise RecipeError(f"--ratios entries must be numbers or 'dense', got {part!r}") from None
+    return out
+
+
+def build_recipe(recipe: Path | None, schedule: str | None, avg_ratio: float | None, max_ratio: float | None,
+                 min_ratio: float | None, ratio: float | None, layers: str | None, ratios: str | None,
+                 tanh_alpha: float | None, tanh_beta: float | None, dtype: str | None = None) -> Recipe:
+    base = Recipe.load(recipe) if recipe is not None else Recipe()
+    s, r = base.schedule, base.router
+    if ratios is not None and schedule is None:
+        schedule = "explicit"
+    if ratio is not None and schedule is None:
+        schedule = "constant"
+    overrides = {"kind": schedule, "avg_ratio": avg_ratio, "max_ratio": max_ratio, "min_ratio": min_ratio,
+                 "ratio": ratio, "layers": parse_layers(layers) if layers else None,
+                 "ratios": parse_ratios(ratios) if ratios else None}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(s, key, value)
+    if tanh_alpha is not None:
+        r.tanh_alpha = tanh_alpha
+    if tanh_beta is not None:
+        r.tanh_beta = tanh_beta
+    if dtype is not None:
+        base.dtype = dtype
+    return base.validate()
+
+
+# ---- commands ----------------------------------------------------------------------------------
+@app.command("add-routers")
+@one_line_errors
+def add_routers_cmd(
+    source: Annotated[Path, typer.Argument(help="Local Hugging Face checkpoint folder of a dense model.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist unless --overwrite).")],
+    recipe: RecipeOpt = None, schedule: ScheduleOpt = None, avg_ratio: AvgOpt = None, max_ratio: MaxOpt = None,
+    min_ratio: MinOpt = None, ratio: RatioOpt = None, layers: LayersOpt = None, ratios: RatiosOpt = None,
+    tanh_alpha: AlphaOpt = None, tanh_beta: BetaOpt = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | float16 | bfloat16")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Add zero-initialised routers to a dense checkpoint following a PRD schedule, and save it."""
+    from .api import convert, layer_infos, load_pretrained
+
+    plan = build_recipe(recipe, schedule, avg_ratio, max_ratio, min_ratio, ratio, layers, ratios,
+                        tanh_alpha, tanh_beta, dtype)
+    with console.status(f"converting {source} ..."):
+        path = convert(source, out, plan, overwrite=overwrite)
+    with console.status("checking the written checkpoint ..."):
+        infos = layer_infos(load_pretrained(path))
+    mod = [i for i in infos if i.ratio is not None]
+    console.print(f"wrote {path}: {len(mod)} of {len(infos)} decoder layers are MoD layers "
+                  f"(ratios {', '.join(f'{i.ratio:.2f}' for i in mod)})", highlight=False)
+
+
+@app.command("inspect")
+@one_line_errors
+def inspect_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A pmod-convert checkpoint folder.")],
+    vision_tokens: Annotated[Optional[int], typer.Option("--vision-tokens", help="Vision tokens per sample (default: from the model's image size).")] = None,
+    text_tokens: Annotated[int, typer.Option("--text-tokens", help="Text tokens per sample.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Per-layer table of an MoD checkpoint (ratios, routers) and its estimated FLOPs / KV-cache ratios."""
+    from .checkpoint import read_config, read_router_tensors
+    from .errors import CheckpointError
+
+    config = read_config(checkpoint)
+    pmod = config.get("pmod")
+    if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
+        raise CheckpointError(f"{checkpoint} is not a pmod-convert checkpoint (no 'pmod' section in config.json)")
+    routers = read_router_tensors(checkpoint)
+    ratios = list(pmod["layer_ratios"])
+    rows = []
+    for i, r in enumerate(ratios):
+        w = next((v for k, v in routers.items() if f"layers.{i}.pmod_router.weight" in k), None)
+        b = next((v for k, v in routers.items() if f"layers.{i}.pmod_router.bias" in k), None)
+        rows.append({"layer": i, "kind": "MoD" if r is not None else "dense", "ratio": r,
+                     "router_weight_norm": None if w is None else float(w.float().norm()),
+                     "router_bias": None if b is None else float(b.float().reshape(-1)[0])})
+    router = pmod.get("router", {})
+    report = _estimate_report(config, ratios, vision_tokens, text_tokens)
+    if as_json:
+        out_console.print_json(json.dumps({"layers": rows, "router": router, "schedule": pmod.get("schedule"),
+                                           "estimate": report.to_dict()}))
+        return
+    table = Table(title=f"{checkpoint} ({pmod.get('family')}, router: TanhNorm alpha={router.get('tanh_alpha')}, "
+                        f"beta={router.get('tanh_beta')}, bias={router.get('bias')})")
+    for col in ("layer", "kind", "retention", "router |w|", "router bias"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(str(row["layer"]), row["kind"], "1.00" if row["ratio"] is None else f"{row['ratio']:.3f}",
+                      "-" if row["router_weight_norm"] is None else f"{row['router_weight_norm']:.4f}",
+                      "-" if row["router_bias"] is None else f"{row['router_bias']:+.4f}")
+    out_console.print(table)
+    _print_estimate(report)
+
+
+@app.command("estimate")
+@one_line_errors
+def estimate_cmd(
+    config: Annotated[Path, typer.Option("--config", help="config.json of a model, or its folder (no weights needed).")],
+    vision_tokens: Annotated[Optional[int], typer.Option("--vision-tokens", help="Vision tokens per sample (default: from the config's image size).")] = None,
+    text_tokens: Annotated[int, typer.Option("--text-tokens", help="Text tokens per sample.")] = 100,
+    recipe: RecipeOpt = None, schedule: ScheduleOpt = None, avg_ratio: AvgOpt = None, max_ratio: MaxOpt = None,
+    min_ratio: MinOpt = None, ratio: RatioOpt = None, layers: LayersOpt = None, ratios: RatiosOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Estimated decoder FLOPs and KV-cache ratios (MoD vs dense) of a schedule, from a config alone."""
+    from .checkpoint import read_config
+    from .efficiency import TextShape
+
+    data = read_config(config) if config.is_dir() else _read_json(config)
+    plan = build_recipe(recipe, schedule, avg_ratio, max_ratio, min_ratio, ratio, layers, ratios, None, None)
+    layer_ratios = plan.schedule.layer_ratios(TextShape.from_config(data).num_layers)
+    report = _estimate_report(data, layer_ratios, vision_tokens, text_tokens)
+    if as_json:
+        out_console.print_json(json.dumps(report.to_dict()))
+    else:
+        _print_estimate(report)
+
+
+def _read_json(path: Path) -> dict:
+    from .checkpoint import read_config
+    from .errors import CheckpointError
+
+    if path.name == "config.json" and path.is_file():
+        return read_config(path.parent)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a config.json or a checkpoint folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _estimate_report(config: dict, ratios: list, vision_tokens: int | None, text_tokens: int):
+    from .efficiency import TextShape, default_vision_tokens, estimate
+
+    if vision_tokens is None:
+        vision_tokens = default_vision_tokens(config)
+    if vision_tokens < 0 or text_tokens < 0:
+        raise RecipeError("--vision-tokens and --text-tokens must be >= 0")
+    return estimate(TextShape.from_config(config), ratios, vision_tokens, text_tokens)
+
+
+def _print_estimate(report) -> None:
+    from .efficiency import format_estimate
+
+    typer.echo(format_estimate(report))
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:
+    app(prog_name="pmod-convert")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
