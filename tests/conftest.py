@@ -36,3 +36,20 @@ def batch_inputs(family: str, config, batch_size: int = 2, seed: int = 0):
 
 # Per-family arguments that make rows of a 2-row batch differ in their number of vision tokens.
 VARIED: dict = {"llava": {"images_per_row": [1, 2]}}
+
+
+# Two single-row samples per family that differ in text length and in their number of vision tokens.
+ROWS: dict = {
+    "llava": [dict(images_per_row=[1], text_lengths=[12]), dict(images_per_row=[2], text_lengths=[5])],
+    "llava_next": [dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5])],
+    "llava_onevision": [dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5])],
+    "qwen2_vl": [dict(image_sizes=[(64, 64)], text_lengths=[12]), dict(image_sizes=[(96, 96)], text_lengths=[5])],
+    "qwen2_5_vl": [dict(image_sizes=[(64, 64)], text_lengths=[12]), dict(image_sizes=[(96, 96)], text_lengths=[5])],
+    "idefics3": [dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5])],
+    "smolvlm": [dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5])],
+}
+
+
+def single_rows(family: str, config):
+    adapter = adapter_by_family(family)
+    return [adapter.dummy_inputs(config, batch_size=1, seed=i, **kw) for i, kw in enumerate(ROWS[family])]

@@ -14,7 +14,9 @@ from pmod_convert.mod.router import ROUTER_NAME
 
 from pmod_convert.tiny import RESERVED
 
-from conftest import FAMILIES, batch_inputs, tiny_model
+from pmod_convert.data import collate
+
+from conftest import FAMILIES, batch_inputs, single_rows, tiny_model
 
 
 # A random model may emit a vision placeholder; recomputation would then see one image token too many.
@@ -173,6 +175,28 @@ def test_fast_path_equals_slow_masked_reference(family, attn):
     inputs = batch_inputs(family, config)
     ok = real_positions(inputs)
     torch.testing.assert_close(logits_of(fast, inputs)[ok], logits_of(slow, inputs)[ok], rtol=1e-5, atol=1e-5)
+
+
+# ---- a padded batch equals its samples run one by one -----------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_equals_samples_alone(family):
+    dense, config = tiny_model(family)
+    mod = add_routers(dense, constant(0.5, layers=[0, 2, 3]))
+    randomize_routers(mod)
+    rows = single_rows(family, config)
+    assert len({int(v) for v in (vision_counts(mod, r)[0] for r in rows)}) == 2, "rows must differ in vision tokens"
+    adapter = adapter_by_family(family)
+    batch = collate(rows, adapter.pad_token_id(config), padding_side="left")
+    kw = dict(max_new_tokens=6, do_sample=False, suppress_tokens=SPECIAL_IDS)
+    batch_logits = logits_of(mod, batch)
+    with torch.no_grad():
+        batch_generated = mod.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]
+    for i, row in enumerate(rows):
+        n = row["input_ids"].shape[1]
+        torch.testing.assert_close(batch_logits[i, -n:], logits_of(mod, row)[0], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            alone = mod.generate(**row, **kw)[:, n:]
+        assert torch.equal(batch_generated[i : i + 1], alone)
 
 
 # ---- KV cache savings ----------------------------------------------------------------------------

@@ -57,6 +57,10 @@ class ArchitectureAdapter:
                 ids.append(int(value))
         return ids
 
+    def pad_token_id(self, config: Any) -> int:
+        text_pad = getattr(self.text_config(config), "pad_token_id", None)
+        return int(text_pad if text_pad is not None else 0)
+
     def model_cls(self) -> type:
         import transformers
 
