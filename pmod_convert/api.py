@@ -14,7 +14,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import ArchitectureAdapter, get_adapter
-from .checkpoint import atomic_folder, copy_processor_files, read_config, read_router_tensors
+from .checkpoint import atomic_folder, copy_processor_files, read_config, read_routers, router_key
 from .errors import CheckpointError, RecipeError
 from .mod.context import RoutingContext
 from .mod.inject import check_attention, convert_layer
@@ -188,20 +188,20 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
 
 
 def _load_router_weights(model: nn.Module, path: str | Path) -> None:
-    stored = read_router_tensors(path)
-    expected = {k: v for k, v in model.state_dict().items() if f".{ROUTER_NAME}." in k}
-    missing = sorted(set(expected) - set(stored))
+    stored = read_routers(path)
+    params = {router_key(name): p for name, p in model.named_parameters() if router_key(name) is not None}
+    missing = sorted(set(params) - set(stored))
     if missing:
-        raise CheckpointError(f"{path} lacks router weights {missing[0]} (and {len(missing) - 1} more); "
-                              "the checkpoint is incomplete")
+        layer, kind = missing[0]
+        raise CheckpointError(f"{path} lacks the router {kind} of layer {layer} (and {len(missing) - 1} more router "
+                              "tensors); the checkpoint is incomplete")
     with torch.no_grad():
-        params = dict(model.named_parameters())
-        for key in expected:
+        for key, param in params.items():
             value = stored[key]
-            if value.shape != params[key].shape:
-                raise CheckpointError(f"{path}: router weight {key} has shape {tuple(value.shape)}, "
-                                      f"expected {tuple(params[key].shape)}")
-            params[key].copy_(value.to(params[key].dtype))
+            if value.shape != param.shape:
+                raise CheckpointError(f"{path}: router {key[1]} of layer {key[0]} has shape {tuple(value.shape)}, "
+                                      f"expected {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
 
 
 def convert(source: str | Path, out: str | Path, recipe: Recipe | None = None, *,

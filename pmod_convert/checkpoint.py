@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -81,6 +82,30 @@ def weight_files(path: str | Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{path} has no .safetensors weights; save the model with safe_serialization")
     return files
+
+
+_ROUTER_KEY = re.compile(rf"(?:^|\.)layers\.(\d+)\.{ROUTER_NAME}\.(weight|bias)$")
+
+
+def router_key(key: str) -> tuple[int, str] | None:
+    """``(layer index, "weight" | "bias")`` of a router parameter name, else None.
+
+    Matching on the layer-relative suffix makes the name independent of where transformers puts the
+    text model on disk (5.x saves LLaVA as ``language_model.model.layers.N`` while the module tree
+    has ``model.language_model.layers.N``).
+    """
+    match = _ROUTER_KEY.search(key)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def read_routers(path: str | Path) -> dict[tuple[int, str], torch.Tensor]:
+    """Router tensors of a checkpoint keyed by ``(layer index, "weight" | "bias")``."""
+    out = {}
+    for key, value in read_router_tensors(path).items():
+        parsed = router_key(key)
+        if parsed is not None:
+            out[parsed] = value
+    return out
 
 
 def read_router_tensors(path: str | Path) -> dict[str, torch.Tensor]:

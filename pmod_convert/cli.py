@@ -140,19 +140,18 @@ def inspect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Per-layer table of an MoD checkpoint (ratios, routers) and its estimated FLOPs / KV-cache ratios."""
-    from .checkpoint import read_config, read_router_tensors
+    from .checkpoint import read_config, read_routers
     from .errors import CheckpointError
 
     config = read_config(checkpoint)
     pmod = config.get("pmod")
     if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
         raise CheckpointError(f"{checkpoint} is not a pmod-convert checkpoint (no 'pmod' section in config.json)")
-    routers = read_router_tensors(checkpoint)
+    routers = read_routers(checkpoint)
     ratios = list(pmod["layer_ratios"])
     rows = []
     for i, r in enumerate(ratios):
-        w = next((v for k, v in routers.items() if f"layers.{i}.pmod_router.weight" in k), None)
-        b = next((v for k, v in routers.items() if f"layers.{i}.pmod_router.bias" in k), None)
+        w, b = routers.get((i, "weight")), routers.get((i, "bias"))
         rows.append({"layer": i, "kind": "MoD" if r is not None else "dense", "ratio": r,
                      "router_weight_norm": None if w is None else float(w.float().norm()),
                      "router_bias": None if b is None else float(b.float().reshape(-1)[0])})

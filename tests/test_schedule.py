@@ -80,3 +80,13 @@ def test_recipe_roundtrip_and_strictness(tmp_path):
     path.write_text("router: [1, 2]\n")
     with pytest.raises(RecipeError, match="expected a mapping"):
         Recipe.load(path)
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        Recipe.load(path)
+    assert Recipe.load(Path(__file__).parent.parent / "recipes" / "pmod-published.yaml") == Recipe()
