@@ -14,13 +14,14 @@ from torch import nn
 
 from . import __version__
 from .adapters import ArchitectureAdapter, get_adapter
-from .checkpoint import atomic_folder, copy_processor_files, read_config, read_routers, router_key
+from .checkpoint import atomic_folder, copy_processor_files, read_config, read_router_tensors
 from .errors import CheckpointError, RecipeError
 from .mod.context import RoutingContext
 from .mod.inject import check_attention, convert_layer
 from .mod.layer import MoDLayerMixin
 from .mod.router import ROUTER_NAME
 from .recipe import Recipe, RouterSettings, ScheduleSettings
+from .sidecar import has_sidecar, load_router_state, load_sidecar
 
 log = logging.getLogger("pmod_convert")
 PMOD_FORMAT = 1
@@ -169,8 +170,12 @@ def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_
 
 
 def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
-                    attn_implementation: str | None = None) -> nn.Module:
-    """Load a pmod checkpoint folder: the transformers model with its MoD layers and trained routers."""
+                    attn_implementation: str | None = None, adapter: bool = True) -> nn.Module:
+    """Load a pmod checkpoint folder: the transformers model with its MoD layers and trained routers.
+
+    If the folder holds a finetune sidecar (``pmod_adapter/``) and ``adapter`` is true, its routers
+    replace the base routers and its LoRA adapter is applied (the result is then a ``PeftModel``).
+    """
     config = read_config(path)
     pmod = config.get("pmod")
     if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
@@ -179,29 +184,18 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     if pmod.get("format", 0) > PMOD_FORMAT:
         raise CheckpointError(f"{path} was written by a newer pmod-convert (format {pmod['format']}); upgrade pmod-convert")
     model = load_dense(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation)
-    adapter = get_adapter(model)
     recipe = recipe_from_config(pmod)
-    _apply(model, adapter, list(pmod["layer_ratios"]), recipe.router)
+    _apply(model, get_adapter(model), list(pmod["layer_ratios"]), recipe.router)
     model.config.pmod = pmod
     _load_router_weights(model, path)
+    if adapter and has_sidecar(path):
+        model = load_sidecar(model, path)
+        model.eval()
     return model
 
 
 def _load_router_weights(model: nn.Module, path: str | Path) -> None:
-    stored = read_routers(path)
-    params = {router_key(name): p for name, p in model.named_parameters() if router_key(name) is not None}
-    missing = sorted(set(params) - set(stored))
-    if missing:
-        layer, kind = missing[0]
-        raise CheckpointError(f"{path} lacks the router {kind} of layer {layer} (and {len(missing) - 1} more router "
-                              "tensors); the checkpoint is incomplete")
-    with torch.no_grad():
-        for key, param in params.items():
-            value = stored[key]
-            if value.shape != param.shape:
-                raise CheckpointError(f"{path}: router {key[1]} of layer {key[0]} has shape {tuple(value.shape)}, "
-                                      f"expected {tuple(param.shape)}")
-            param.copy_(value.to(param.dtype))
+    load_router_state(model, {f"{k}": v for k, v in read_router_tensors(path).items()}, where=str(path))
 
 
 def convert(source: str | Path, out: str | Path, recipe: Recipe | None = None, *,

@@ -41,7 +41,7 @@ class ArchitectureAdapter:
     dummy_inputs: Callable[..., dict[str, torch.Tensor]] | None = field(default=None, compare=False)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        obj: Any = model
+        obj: Any = unwrap(model)
         for part in self.layers_path.split("."):
             obj = getattr(obj, part)
         return obj
@@ -65,6 +65,11 @@ class ArchitectureAdapter:
         import transformers
 
         return getattr(transformers, self.model_class)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 _REGISTRY: dict[str, ArchitectureAdapter] = {}
