@@ -1,0 +1,103 @@
+"""What every command shares: the Typer app, one-line errors, schedule options, recipe building."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import PmodError, RecipeError
+from ..recipe import Recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert dense multimodal LLMs into Mixture-of-Depths (p-MoD) models.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def one_line_errors(func):
+    """Library errors become ``error: <message>`` on stderr and a non-zero exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except PmodError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+# ---- shared schedule options -------------------------------------------------------------------
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="YAML recipe; options below override its values.")]
+ScheduleOpt = Annotated[Optional[str], typer.Option(
+    "--schedule", help="shiftedcos | shiftedlinear | constant | explicit (default: shiftedcos, the published p-MoD PRD).")]
+AvgOpt = Annotated[Optional[float], typer.Option("--avg-ratio", help="Average factor a of the shifted curves (0.5).")]
+MaxOpt = Annotated[Optional[float], typer.Option("--max-ratio", help="Layers whose curve is <= this become MoD (0.85).")]
+MinOpt = Annotated[Optional[float], typer.Option("--min-ratio", help="Lowest retention ratio (0.15).")]
+RatioOpt = Annotated[Optional[float], typer.Option("--ratio", help="Retention ratio of a constant schedule, in (0, 1].")]
+LayersOpt = Annotated[Optional[str], typer.Option(
+    "--layers", help="Only these layers become MoD: '8,9,12' or '8-31'.")]
+RatiosOpt = Annotated[Optional[str], typer.Option(
+    "--ratios", help="Explicit schedule, one entry per layer: '1,1,dense,0.5,...' ('dense' = no router).")]
+AlphaOpt = Annotated[Optional[float], typer.Option("--tanh-alpha", help="TanhNorm alpha (0.2).")]
+BetaOpt = Annotated[Optional[float], typer.Option("--tanh-beta", help="TanhNorm beta (1.0).")]
+
+
+def parse_layers(text: str) -> list[int]:
+    layers: list[int] = []
+    try:
+        for part in text.replace(" ", "").split(","):
+            if not part:
+                continue
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                layers.extend(range(int(lo), int(hi) + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise RecipeError(f"--layers must look like '8,9,12' or '8-31', got {text!r}") from None
+    return layers
+
+
+def parse_ratios(text: str) -> list[float | None]:
+    out: list[float | None] = []
+    for part in text.replace(" ", "").split(","):
+        if part.lower() in ("dense", "none", "-"):
+            out.append(None)
+            continue
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise RecipeError(f"--ratios entries must be numbers or 'dense', got {part!r}") from None
+    return out
+
+
+def build_recipe(recipe: Path | None, schedule: str | None, avg_ratio: float | None, max_ratio: float | None,
+                 min_ratio: float | None, ratio: float | None, layers: str | None, ratios: str | None,
+                 tanh_alpha: float | None, tanh_beta: float | None, dtype: str | None = None) -> Recipe:
+    base = Recipe.load(recipe) if recipe is not None else Recipe()
+    s, r = base.schedule, base.router
+    if ratios is not None and schedule is None:
+        schedule = "explicit"
+    if ratio is not None and schedule is None:
+        schedule = "constant"
+    overrides = {"kind": schedule, "avg_ratio": avg_ratio, "max_ratio": max_ratio, "min_ratio": min_ratio,
+                 "ratio": ratio, "layers": parse_layers(layers) if layers else None,
+                 "ratios": parse_ratios(ratios) if ratios else None}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(s, key, value)
+    if tanh_alpha is not None:
+        r.tanh_alpha = tanh_alpha
+    if tanh_beta is not None:
+        r.tanh_beta = tanh_beta
+    if dtype is not None:
+        base.dtype = dtype
+    return base.validate()
+
+
