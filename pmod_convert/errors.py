@@ -17,3 +17,7 @@ class RecipeError(PmodError):
 
 class CheckpointError(PmodError):
     """A checkpoint folder is missing, incomplete or corrupt."""
+
+
+class DataError(PmodError):
+    """A dataset file or row is missing, malformed or references an unreadable image."""

@@ -1,5 +1,8 @@
-"""Turning samples into model batches."""
+"""Datasets and batches: LLaVA-style conversations -> the checkpoint's processor -> padded batches."""
 
-from .collate import collate
+from ..errors import DataError
+from .collate import collate, model_inputs
+from .conversations import Dataset, Sample, read_samples
+from .encode import IGNORE, SampleEncoder
 
-__all__ = ["collate"]
+__all__ = ["DataError", "Dataset", "IGNORE", "Sample", "SampleEncoder", "collate", "model_inputs", "read_samples"]

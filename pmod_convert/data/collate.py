@@ -10,7 +10,10 @@ import torch.nn.functional as F
 # Per-token tensors padded along the sequence; everything else is per image (or per row) and is
 # concatenated along dim 0 after zero-padding its other dims (tiles, images) to the largest sample,
 # which is how the families' processors pad (LLaVA-NeXT tiles, Idefics3 images per row).
-SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0, "labels": -100}
+SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0, "labels": -100,
+                "instruction_mask": 0}
+# Batch entries that are training targets / routing hints, not arguments of the model's forward.
+NOT_MODEL_INPUTS = ("labels", "instruction_mask")
 
 
 def collate(samples: Sequence[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "left") -> dict:
@@ -47,3 +50,8 @@ def _pad_to(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
     for d in reversed(range(1, t.dim())):
         pad += [0, shape[d - 1] - t.shape[d]]
     return F.pad(t, pad) if any(pad) else t
+
+
+def model_inputs(batch: dict) -> dict:
+    """The entries of a batch that the model's ``forward`` / ``generate`` takes."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}

@@ -1,0 +1,133 @@
+"""LLaVA-style conversation datasets: JSON or JSONL rows with images and human/gpt turns.
+
+A row looks like ``{"id": ..., "image": "rel/path.png" | ["a.png", ...], "conversations": [{"from": "human",
+"value": "<image>\\nQuestion"}, {"from": "gpt", "value": "Answer"}, ...]}``. Image paths are relative to an
+image folder. ``<image>`` markers say where an image goes; rows without markers get their images at the start
+of the first human turn (LLaVA's convention). Images may only appear in the first human turn.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+
+IMAGE_MARKER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Sample:
+    """One conversation: resolved image paths and ``(role, text)`` turns with image markers removed."""
+
+    id: str
+    images: list[Path]
+    turns: list[tuple[str, str]]
+    row: int  # 1-based row number in the source file (line number for JSONL)
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    source: Path
+    skipped: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def read_samples(path: str | Path, image_folder: str | Path | None = None, *, skip_bad_rows: bool = False,
+                 limit: int | None = None) -> Dataset:
+    """Read and check every row (images exist and decode); bad rows raise ``DataError`` or are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset file {path} does not exist; pass a LLaVA-style .json or .jsonl file")
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist; pass --image-folder DIR")
+    data = Dataset(samples=[], source=path)
+    for row, record in _records(path):
+        try:
+            data.samples.append(_parse(record, row, folder))
+        except DataError as exc:
+            if not skip_bad_rows:
+                raise DataError(f"{path} {exc}; fix the row or pass --skip-bad-rows") from None
+            data.skipped += 1
+            data.skipped_reasons.append(str(exc))
+        if limit is not None and len(data.samples) >= limit:
+            break
+    if not data.samples:
+        raise DataError(f"{path} has no usable rows ({data.skipped} skipped)")
+    return data
+
+
+def _records(path: Path):
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path} must hold a JSON list of rows (or be JSONL, one row per line)")
+    yield from enumerate(rows, 1)
+
+
+def _parse(record: object, row: int, folder: Path) -> Sample:
+    if not isinstance(record, dict):
+        raise DataError(f"row {row} is not a JSON object")
+    sid = str(record.get("id", row))
+    where = f"row {row} (id {sid!r})"
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError(f"{where} has no conversations")
+    names = record.get("image", [])
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{where}: 'image' must be a path or a list of paths")
+    images = [_check_image(folder / name, where) for name in names]
+
+    turns: list[tuple[str, str]] = []
+    markers = 0
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: turn {i} needs 'from' and a string 'value'")
+        role = ROLES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise DataError(f"{where}: turn {i} has unknown speaker {turn.get('from')!r} (use human/gpt)")
+        count = turn["value"].count(IMAGE_MARKER)
+        if count and (role != "user" or any(r == "user" for r, _ in turns)):
+            raise DataError(f"{where}: <image> may only appear in the first human turn")
+        markers += count
+        turns.append((role, turn["value"].replace(IMAGE_MARKER, "").strip()))
+    if markers not in (0, len(images)):
+        raise DataError(f"{where} has {markers} <image> markers but {len(images)} images")
+    if not any(r == "assistant" for r, _ in turns):
+        raise DataError(f"{where} has no gpt answer")
+    if turns[0][0] == "assistant":
+        raise DataError(f"{where} starts with a gpt turn; the first turn must be human (or system)")
+    return Sample(id=sid, images=images, turns=turns, row=row)
+
+
+def _check_image(path: Path, where: str) -> Path:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise DataError(f"{where}: image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"{where}: image {path} cannot be read ({exc})") from None
+    return path.resolve()
