@@ -118,7 +118,7 @@ class SampleEncoder:
                 extra = first
             else:
                 piece = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
-            if is_answer and self.eos_token_id is not None and (not piece or piece[-1] not in self._special_ids):
+            if is_answer and self.eos_token_id is not None and (not piece or piece[-1] not in self.special_ids):
                 piece = piece + [self.eos_token_id]
             ids += piece
             labels += piece if is_answer else [IGNORE] * len(piece)
@@ -147,7 +147,7 @@ class SampleEncoder:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
 
     @property
-    def _special_ids(self) -> set[int]:
+    def special_ids(self) -> set[int]:
         # all_special_ids misses added special tokens such as chat-template turn markers
         added = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
         return set(self.tokenizer.all_special_ids) | added

@@ -1,0 +1,6 @@
+"""``pmod-convert eval``: generate answers for a LLaVA-style question set and score them."""
+
+from .evaluate import EvalSummary, evaluate, load_any
+from .scoring import choice_letter, is_correct, normalize
+
+__all__ = ["EvalSummary", "evaluate", "load_any", "choice_letter", "is_correct", "normalize"]

@@ -1,0 +1,142 @@
+"""Generate an answer for every question of a dataset with a dense or MoD checkpoint and score it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_folder, read_config
+from ..data import SampleEncoder, collate, read_samples
+from ..efficiency import TextShape, estimate
+from ..errors import RecipeError
+from .scoring import is_correct
+
+PREDICTIONS_FILE = "predictions.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class EvalSummary:
+    checkpoint: str
+    data: str
+    samples: int
+    skipped: int
+    accuracy: float
+    exact_accuracy: float | None  # over open questions (normalised exact match)
+    choice_accuracy: float | None  # over multiple-choice questions (letter match)
+    is_mod: bool
+    layer_ratios: list[float | None] | None
+    decoder_flops_ratio: float  # estimated prefill FLOPs vs the dense model on these samples' token counts
+    kv_ratio: float
+    seconds: float
+    generated_tokens: int
+    predictions: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("predictions")
+        return out
+
+
+def load_any(checkpoint: str | Path, dtype: str | None = None) -> nn.Module:
+    """A pmod checkpoint with its routing (and finetune sidecar), or a dense checkpoint as it is."""
+    from ..api import load_dense, load_pretrained
+
+    pmod = read_config(checkpoint).get("pmod")
+    return load_pretrained(checkpoint, dtype=dtype) if isinstance(pmod, dict) else load_dense(checkpoint, dtype=dtype)
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path | None = None, *,
+             model: nn.Module | None = None, out: str | Path | None = None, batch_size: int = 8,
+             max_new_tokens: int = 16, limit: int | None = None, skip_bad_rows: bool = False,
+             overwrite: bool = False, progress: bool = True) -> EvalSummary:
+    """Answer the last question of every sample greedily and score it against the sample's last answer.
+
+    ``model``: an already loaded model for ``checkpoint`` (skips loading). ``out``: a folder that receives
+    ``predictions.jsonl`` and ``summary.json`` (written atomically).
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise RecipeError("batch_size and max_new_tokens must be >= 1")
+    if out is not None and Path(out).exists() and not overwrite:
+        raise RecipeError(f"{out} already exists; choose another --out or pass --overwrite")
+    dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows, limit=limit)
+    encoder = SampleEncoder.from_pretrained(checkpoint)
+    model = model if model is not None else load_any(checkpoint)
+    model.eval()
+    device = next(model.parameters()).device
+    vision_ids = torch.tensor(sorted(encoder.vision_ids))
+
+    records, counts = [], []
+    generated = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(dataset), desc="eval", unit="sample", disable=not progress)
+    for first in range(0, len(dataset), batch_size):
+        chunk = dataset.samples[first:first + batch_size]
+        encoded = [encoder.encode_for_generation(s) for s in chunk]
+        batch = collate([e[0] for e in encoded], encoder.pad_token_id, padding_side="left")
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.no_grad():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=encoder.pad_token_id)
+        new = output[:, batch["input_ids"].shape[1]:].cpu()
+        for sample, (inputs, reference), tokens in zip(chunk, encoded, new):
+            prediction = encoder.decode(_until_eos(tokens, encoder))
+            correct, kind = is_correct(prediction, reference)
+            n_vision = int(torch.isin(inputs["input_ids"][0], vision_ids).sum())
+            counts.append((n_vision, inputs["input_ids"].shape[1] - n_vision))
+            generated += len(tokens)
+            question = next(text for role, text in reversed(sample.turns[:-1]) if role == "user") \
+                if len(sample.turns) > 1 else ""
+            records.append({"id": sample.id, "question": question, "reference": reference,
+                            "prediction": prediction, "correct": correct, "kind": kind})
+        bar.update(len(chunk))
+        bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    config = model.config
+    pmod = getattr(config, "pmod", None)
+    shape = TextShape.from_config(config)
+    ratios = list(pmod["layer_ratios"]) if isinstance(pmod, dict) else [None] * shape.num_layers
+    cost = estimate(shape, ratios, [c[0] for c in counts], [c[1] for c in counts])
+    summary = EvalSummary(
+        checkpoint=str(checkpoint), data=str(data), samples=len(records), skipped=dataset.skipped,
+        accuracy=_mean([r["correct"] for r in records]),
+        exact_accuracy=_mean([r["correct"] for r in records if r["kind"] == "exact"]),
+        choice_accuracy=_mean([r["correct"] for r in records if r["kind"] == "choice"]),
+        is_mod=isinstance(pmod, dict), layer_ratios=ratios if isinstance(pmod, dict) else None,
+        decoder_flops_ratio=cost.decoder_flops_ratio, kv_ratio=cost.kv_ratio, seconds=seconds,
+        generated_tokens=generated, predictions=records,
+    )
+    if out is not None:
+        write(summary, out, overwrite=overwrite)
+    return summary
+
+
+def write(summary: EvalSummary, out: str | Path, overwrite: bool = False) -> Path:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        with open(tmp / PREDICTIONS_FILE, "w") as f:
+            for record in summary.predictions:
+                f.write(json.dumps(record) + "\n")
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
+    return Path(out)
+
+
+def _until_eos(tokens: torch.Tensor, encoder: SampleEncoder) -> list[int]:
+    ids = tokens.tolist()
+    stops = encoder.special_ids | ({encoder.eos_token_id, encoder.pad_token_id} - {None})  # end of turn, eos, pad
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+def _mean(values: list[bool]) -> float | None:
+    return sum(values) / len(values) if values else None
