@@ -151,8 +151,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
 
 
 def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
-               attn_implementation: str | None = None) -> nn.Module:
-    """Load a supported multimodal checkpoint folder with transformers (no routing)."""
+               attn_implementation: str | None = None, quantization_config: Any = None) -> nn.Module:
+    """Load a supported multimodal checkpoint folder with transformers (no routing).
+
+    ``quantization_config`` (e.g. a ``BitsAndBytesConfig``) quantizes while loading; a folder written
+    quantized carries its own in config.json.
+    """
     config = read_config(path)
     adapter = get_adapter(config)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
@@ -160,6 +164,8 @@ def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     cls = adapter.model_cls()
     try:
         with _routers_expected(cls):
@@ -170,12 +176,18 @@ def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_
 
 
 def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
-                    attn_implementation: str | None = None, adapter: bool = True) -> nn.Module:
+                    attn_implementation: str | None = None, adapter: bool = True,
+                    quantization_config: Any = None) -> nn.Module:
     """Load a pmod checkpoint folder: the transformers model with its MoD layers and trained routers.
 
     If the folder holds a finetune sidecar (``pmod_adapter/``) and ``adapter`` is true, its routers
     replace the base routers and its LoRA adapter is applied (the result is then a ``PeftModel``).
+    Exported folders (``pmod-convert export``) are checked against their ``pmod_manifest.json`` first;
+    quantized ones load as bitsandbytes models (on CUDA when present).
     """
+    from .export.manifest import verify_manifest
+
+    verify_manifest(path)
     config = read_config(path)
     pmod = config.get("pmod")
     if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
@@ -183,7 +195,8 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
                               "create one with `pmod-convert add-routers`")
     if pmod.get("format", 0) > PMOD_FORMAT:
         raise CheckpointError(f"{path} was written by a newer pmod-convert (format {pmod['format']}); upgrade pmod-convert")
-    model = load_dense(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation)
+    model = load_dense(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
+                       quantization_config=quantization_config)
     recipe = recipe_from_config(pmod)
     _apply(model, get_adapter(model), list(pmod["layer_ratios"]), recipe.router)
     model.config.pmod = pmod

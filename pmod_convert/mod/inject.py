@@ -37,7 +37,8 @@ def convert_layer(layer: nn.Module, ratio: float, context: RoutingContext, *, hi
     if not hasattr(layer, "mlp") or not hasattr(layer, "self_attn"):
         raise PmodError(f"{type(layer).__name__} has no mlp/self_attn; this decoder layer cannot be routed")
     if not isinstance(layer, MoDLayerMixin):
-        param = next(layer.parameters())
+        # A quantized layer's first parameter may be a packed integer weight: take a floating one (a norm).
+        param = next((p for p in layer.parameters() if p.is_floating_point()), next(layer.parameters()))
         layer.__class__ = mod_class_for(type(layer))
         layer.add_module(ROUTER_NAME, TanhNormRouter(hidden_size, alpha=alpha, beta=beta, bias=bias,
                                                      dtype=param.dtype, device=param.device))

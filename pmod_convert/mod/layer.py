@@ -28,6 +28,7 @@ class MoDLayerMixin:
     _pmod_context: RoutingContext
     _pmod_mlp_out: torch.Tensor | None
     _pmod_capturing: bool
+    pmod_last_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # (targets, kept targets) per row
 
     def _pmod_capture_mlp(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self._pmod_capturing:
@@ -53,9 +54,12 @@ class MoDLayerMixin:
             weights = router.token_weights(logits).to(hidden_states.dtype)
             with torch.no_grad():
                 keep = select_tokens(logits, targets, self.pmod_ratio)
+                # Per row: target tokens seen and kept in this call (read by retention reports).
+                self.pmod_last_counts = (targets.sum(1), (keep & targets).sum(1))
         else:
             targets, weights = None, None
             keep = torch.ones(batch, seq, dtype=torch.bool, device=hidden_states.device)
+            self.pmod_last_counts = None
         gather = Gather.from_keep(keep)
 
         call_kwargs = dict(kwargs, use_cache=use_cache)

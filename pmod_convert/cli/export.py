@@ -1,0 +1,59 @@
+"""``export`` and ``generate``: quantized checkpoints and one answer from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .common import app, console, one_line_errors, out_console
+
+
+@app.command("export")
+@one_line_errors
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A pmod-convert checkpoint folder (its LoRA sidecar is merged).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist unless --overwrite).")],
+    quantize: Annotated[str, typer.Option("--quantize", "-q", help="none | int8 | nf4 | fp4 (bitsandbytes).")],
+    double_quant: Annotated[bool, typer.Option("--double-quant", help="nf4/fp4: also quantize the block scales.")] = False,
+    compute_dtype: Annotated[Optional[str], typer.Option(
+        "--compute-dtype", help="nf4/fp4: float32 | float16 | bfloat16 for the 4-bit matmuls (default float32).")] = None,
+    skip_modules: Annotated[Optional[str], typer.Option(
+        "--skip-modules", help="Comma-separated module names to leave unquantized, replacing the family's "
+                               "defaults (vision tower, projector, lm_head); routers are never quantized.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Merge the finetune sidecar, quantize the language model with bitsandbytes and write a checked folder."""
+    from ..export import export, parse_skip_modules
+
+    report = export(checkpoint, out, quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
+                    skip_modules=parse_skip_modules(skip_modules), overwrite=overwrite)
+    out_console.print(report.table())
+    console.print(f"wrote {out} ({report.weight_bytes / 2**20:.2f} MiB of weights, "
+                  f"{report.size_ratio:.3f}x the unquantized model)", highlight=False)
+
+
+@app.command("generate")
+@one_line_errors
+def generate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A pmod-convert checkpoint folder (plain, finetuned or exported).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question, formatted with the checkpoint's chat template.")],
+    image: Annotated[Optional[Path], typer.Option("--image", "-i", help="Image file the prompt is about.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 32,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the vision tokens each MoD layer kept.")] = False,
+) -> None:
+    """Print one greedy answer; with --verbose, the retained vision tokens per MoD layer during the prefill."""
+    from ..export import generate_answer
+
+    result = generate_answer(checkpoint, prompt, image, max_new_tokens=max_new_tokens, retention=verbose)
+    typer.echo(result.text)
+    if verbose:
+        table = Table(title=f"prefill: {result.prompt_tokens} prompt tokens; {result.new_tokens} new tokens")
+        for col in ("layer", "ratio", "vision tokens", "kept", "kept share"):
+            table.add_column(col, justify="right")
+        for row in result.retention:
+            share = f"{row.kept / row.vision_tokens:.3f}" if row.vision_tokens else "-"
+            table.add_row(str(row.layer), f"{row.ratio:.3f}", str(row.vision_tokens), str(row.kept), share)
+        console.print(table)

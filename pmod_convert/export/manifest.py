@@ -1,0 +1,64 @@
+"""``pmod_manifest.json``: name, size and sha256 of every file of an exported folder, checked on load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+MANIFEST_NAME = "pmod_manifest.json"
+MANIFEST_FORMAT = 1
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> dict:
+    """List every file under ``folder`` (except the manifest) with its size and sha256."""
+    folder = Path(folder)
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        files.append({"name": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size,
+                      "sha256": sha256_file(path)})
+    manifest = {"format": MANIFEST_FORMAT, "files": files}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify_manifest(folder: str | Path) -> bool:
+    """Check the files listed in ``folder/pmod_manifest.json``; False when the folder has no manifest.
+
+    Raises ``CheckpointError`` naming the first missing, truncated or corrupted file.
+    """
+    folder = Path(folder)
+    manifest_file = folder / MANIFEST_NAME
+    if not manifest_file.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        entries = [(str(e["name"]), int(e["bytes"]), str(e["sha256"])) for e in manifest["files"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{manifest_file} cannot be read ({type(exc).__name__}: {exc}); "
+                              "the export is corrupt, export it again") from None
+    if manifest.get("format", 0) > MANIFEST_FORMAT:
+        raise CheckpointError(f"{manifest_file} was written by a newer pmod-convert; upgrade pmod-convert")
+    for name, size, digest in entries:
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST_NAME}); the export is incomplete, "
+                                  "export it again")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{path} is truncated or altered: {actual} bytes, {MANIFEST_NAME} says {size}; "
+                                  "export it again")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path} is corrupted: its sha256 differs from {MANIFEST_NAME}; export it again")
+    return True

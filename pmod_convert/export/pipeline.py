@@ -1,0 +1,158 @@
+"""``export``: merge the LoRA sidecar, quantize the language model, write a checked HF folder."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from ..adapters import get_adapter
+from ..adapters.base import unwrap
+from ..checkpoint import atomic_folder, copy_processor_files, read_config
+from ..errors import CheckpointError
+from .compare import Batch, check_batches, logit_deviation, model_logits, text_positions
+from .manifest import write_manifest
+from .quantize import (
+    count_linears,
+    quantize_folder,
+    quiet_int8_casts,
+    resolve_skip_modules,
+    skeleton,
+)
+from .report import ExportReport, bytes_by_part, weight_file_bytes
+from .settings import ExportSettings
+
+SETTINGS_FILE = "export_settings.yaml"
+
+
+def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", double_quant: bool = False,
+           compute_dtype: str | None = None, skip_modules: Sequence[str] | None = None, overwrite: bool = False,
+           check_inputs: Batch | Sequence[Batch] | None = None, progress: bool = True) -> ExportReport:
+    """Write CHECKPOINT (with its finetune sidecar merged) to OUT, optionally bitsandbytes-quantized.
+
+    ``quantize``: none | int8 | nf4 | fp4. ``double_quant`` / ``compute_dtype``: 4-bit options.
+    ``skip_modules``: modules left unquantized (default: the family's ``never_quantize``; routers
+    always stay unquantized). ``check_inputs``: model input dicts the logits are compared on
+    (default: the family's dummy inputs). OUT appears only when complete.
+    """
+    started = time.perf_counter()
+    settings = ExportSettings(quantize, double_quant, compute_dtype,
+                              None if skip_modules is None else tuple(skip_modules)).validate()
+    checkpoint, out = Path(checkpoint), Path(out)
+    pmod = _check_source(checkpoint)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.resolve() == checkpoint.resolve():
+        raise CheckpointError(f"--out {out} is the checkpoint itself; write the export to another folder")
+
+    from ..api import load_pretrained, recipe_from_config
+
+    if settings.skip_modules is not None:  # a typo fails here, before any weight is read
+        resolve_skip_modules(skeleton(checkpoint), settings.skip_modules, strict=True)
+    with tqdm(total=6, desc="loading", disable=not progress, leave=False) as steps:
+        model = load_pretrained(checkpoint)  # applies the LoRA + router sidecar when there is one
+        adapter = get_adapter(unwrap(model))
+        batches = check_batches(check_inputs, adapter, unwrap(model).config)
+        text = text_positions(batches, adapter.vision_token_ids(unwrap(model).config))
+        _step(steps, "reference logits")
+        reference = model_logits(model, batches)
+        _step(steps, "merging LoRA")
+        model, lora = merge_lora(model)
+        skip = resolve_skip_modules(model, settings.skip_modules if settings.skip_modules is not None
+                                    else adapter.never_quantize, strict=settings.skip_modules is not None)
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            _step(steps, f"writing ({settings.quantize})")
+            unquantized, parts_before, linears = _write_weights(model, tmp, out, settings, skip)
+            del model
+            copy_processor_files(checkpoint, tmp)
+            recipe_from_config(pmod).save(tmp / "recipe.yaml")
+            (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(
+                {**settings.to_dict(), "resolved_skip_modules": skip, "source": str(checkpoint), "lora_merged": lora},
+                sort_keys=False))
+            _step(steps, "checking the written model")
+            exported = load_pretrained(tmp)  # exactly what users will load
+            with quiet_int8_casts():
+                deviation = logit_deviation(reference, model_logits(exported, batches), text)
+            del exported
+            _step(steps, "report + manifest")
+            parts_after = bytes_by_part(tmp)
+            report = ExportReport(
+                checkpoint=str(checkpoint), out=str(out), settings=settings.to_dict(), skip_modules=skip,
+                lora_merged=lora, linears=linears, weight_bytes=weight_file_bytes(tmp),
+                unquantized_weight_bytes=unquantized,
+                parts={p: {"unquantized": parts_before.get(p, 0), "exported": parts_after.get(p, 0)}
+                       for p in sorted(set(parts_before) | set(parts_after))},
+                logits=deviation.to_dict(), seconds=time.perf_counter() - started, versions=_versions())
+            report.save(tmp, deviation)
+            write_manifest(tmp)
+            _step(steps, "done")
+    return report
+
+
+def _write_weights(model, tmp: Path, out: Path, settings: ExportSettings, skip: list[str]):
+    """Save ``model`` into ``tmp``, quantized per ``settings``: (unquantized bytes, bytes per part, linear counts)."""
+    if not settings.quantized:
+        model.save_pretrained(tmp, safe_serialization=True)
+        return weight_file_bytes(tmp), bytes_by_part(tmp), count_linears(model)
+    with _staging(out) as stage:
+        model.save_pretrained(stage, safe_serialization=True)
+        unquantized, parts = weight_file_bytes(stage), bytes_by_part(stage)
+        quantized = quantize_folder(stage, settings, skip)
+        quantized.save_pretrained(tmp, safe_serialization=True)
+        return unquantized, parts, count_linears(quantized)
+
+
+def merge_lora(model):
+    """``(plain transformers model, whether a LoRA adapter was merged)``; routers stay as trained."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload().eval(), True
+    return model, False
+
+
+def _check_source(checkpoint: Path) -> dict:
+    config = read_config(checkpoint)
+    pmod = config.get("pmod")
+    if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
+        raise CheckpointError(f"{checkpoint} is not a pmod-convert checkpoint (no 'pmod' section in config.json); "
+                              "create one with `pmod-convert add-routers`")
+    quant = config.get("quantization_config")
+    if quant:
+        raise CheckpointError(f"{checkpoint} is already quantized ({quant.get('quant_method', 'unknown method')}); "
+                              "export from the unquantized checkpoint")
+    get_adapter(config)
+    return pmod
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A scratch folder beside OUT for the unquantized merged model, removed whatever happens."""
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _step(bar, description: str) -> None:
+    bar.update()
+    bar.set_description(description)
+
+
+def _versions() -> dict:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"pmod_convert": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
