@@ -186,3 +186,14 @@ def test_unsupported_architecture(bad):
 
 def test_expected_families_registered():
     assert set(FAMILIES) >= {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_projector_and_never_quantize_name_real_modules(family):
+    model, _ = build_tiny_model(family)
+    names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
+    adapter = adapter_by_family(family)
+    assert adapter.projector and any(n.endswith(adapter.projector) for n in names)
+    for part in adapter.never_quantize:
+        if part != "pmod_router":  # routers exist only after add_routers
+            assert any(part in n.split(".") or n.endswith(part) for n in names), part

@@ -24,6 +24,7 @@ class ArchitectureAdapter:
     vision_token_attrs: config attributes whose values are the vision placeholder token ids.
     lora_target_regex: peft ``target_modules`` regex matching the language model's linears only.
     never_quantize:    module-name substrings that export must leave unquantized.
+    projector:         module path (name suffix) of the vision-language projector (``--train-projector``).
     tiny_config:       builds a small random-weight config of this family for tests and demos.
     dummy_inputs:      builds model inputs (input_ids with vision placeholders, pixel inputs,
                        attention_mask) for a config; see ``adapters/__init__.py`` for the signature.
@@ -37,6 +38,7 @@ class ArchitectureAdapter:
     vision_token_attrs: tuple[str, ...] = ("image_token_id",)
     lora_target_regex: str = ""
     never_quantize: tuple[str, ...] = ()
+    projector: str = ""
     tiny_config: Callable[..., Any] | None = field(default=None, compare=False)
     dummy_inputs: Callable[..., dict[str, torch.Tensor]] | None = field(default=None, compare=False)
 

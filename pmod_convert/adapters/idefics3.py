@@ -120,6 +120,7 @@ _COMMON = dict(
     vision_token_attrs=("image_token_id",),
     lora_target_regex=lora_regex("model.text_model.layers"),
     never_quantize=("vision_model", "connector", "lm_head", "pmod_router"),
+    projector="connector",
     dummy_inputs=dummy_inputs,
 )
 

@@ -72,6 +72,7 @@ def dummy_inputs(config, *, batch_size: int = 1, text_lengths=None, images_per_r
 ADAPTER = register(
     ArchitectureAdapter(
         family="llava",
+        projector="multi_modal_projector",
         model_types=("llava",),
         model_class="LlavaForConditionalGeneration",
         layers_path="model.language_model.layers",

@@ -110,6 +110,7 @@ def dummy_inputs(config, *, batch_size: int = 1, text_lengths=None, images_per_r
 ADAPTER = register(
     ArchitectureAdapter(
         family="llava_next",
+        projector="multi_modal_projector",
         model_types=("llava_next",),
         model_class="LlavaNextForConditionalGeneration",
         layers_path="model.language_model.layers",

@@ -92,6 +92,7 @@ def dummy_inputs(config, *, batch_size: int = 1, text_lengths=None, images_per_r
 ADAPTER = register(
     ArchitectureAdapter(
         family="llava_onevision",
+        projector="multi_modal_projector",
         model_types=("llava_onevision",),
         model_class="LlavaOnevisionForConditionalGeneration",
         layers_path="model.language_model.layers",

@@ -136,6 +136,7 @@ _COMMON = dict(
     vision_token_attrs=("image_token_id", "video_token_id"),
     lora_target_regex=lora_regex("model.language_model.layers"),
     never_quantize=("visual", "lm_head", "pmod_router"),
+    projector="visual.merger",
     dummy_inputs=dummy_inputs,
 )
 

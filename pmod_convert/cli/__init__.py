@@ -17,7 +17,7 @@ from .. import __version__
 from .common import app
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "common":
+    if _module.name not in ("common", "__main__"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 

@@ -1,0 +1,86 @@
+"""``pmod-convert finetune``: LoRA + router training of a converted checkpoint (one process or ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import app, console, one_line_errors, out_console
+
+
+@app.command("finetune")
+@one_line_errors
+def finetune_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A pmod checkpoint folder (from `pmod-convert add-routers`).")],
+    data: Annotated[Path, typer.Option("--data", help="LLaVA-style conversations, .json or .jsonl.")],
+    image_folder: Annotated[Path | None, typer.Option("--image-folder", help="Folder the rows' image paths are relative to (default: the data file's folder).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write a finetuned copy of the checkpoint here (default: add the sidecar to CHECKPOINT).")] = None,
+    settings_file: Annotated[Path | None, typer.Option("--settings", help="finetune.yaml to start from; the options below override it.")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Resumable checkpoints and live log (default: <out or checkpoint>-finetune-run).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing sidecar / --out / earlier run checkpoints.")] = False,
+    lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank (8); 0 trains the routers only.")] = None,
+    lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="LoRA alpha (16).")] = None,
+    lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", help="LoRA dropout (0.05).")] = None,
+    lora_targets: Annotated[str | None, typer.Option("--lora-targets", help="peft target_modules regex (default: the family's language-model linears).")] = None,
+    train_projector: Annotated[bool | None, typer.Option("--train-projector/--no-train-projector", help="Train the vision-language projector fully.")] = None,
+    qlora: Annotated[bool | None, typer.Option("--qlora/--no-qlora", help="Quantize the base to 4-bit nf4 (bitsandbytes) under the LoRA.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | float16 | bfloat16: dtype of the base weights (QLoRA: compute dtype).")] = None,
+    router_aux_coef: Annotated[float | None, typer.Option("--router-aux-coef", help="Weight of the router BCE loss against the top-k selection (gamma-MoD: 0.01; 0 = off).")] = None,
+    route_text: Annotated[bool | None, typer.Option("--route-text/--no-route-text", help="Route answer text too; instruction tokens are never skipped (gamma-MoD masked routing).")] = None,
+    shared_router: Annotated[bool | None, typer.Option("--shared-router/--no-shared-router", help="One router shared by all MoD layers.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate of LoRA / projector (2e-4).")] = None,
+    router_lr: Annotated[float | None, typer.Option("--router-lr", help="Learning rate of the routers (default: --lr).")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay of LoRA / projector (0).")] = None,
+    warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", help="Linear warmup share of the steps before the cosine decay (0.03).")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", help="Gradient clipping norm (1.0; 0 = off).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (1).")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps; overrides --epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per micro-batch per process (1).")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step (1).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of data order, LoRA init and dropout (0).")] = None,
+    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="no | bf16 | fp16 (fp16: CUDA only).")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute decoder layers in backward (non-reentrant).")] = None,
+    skip_bad_rows: Annotated[bool | None, typer.Option("--skip-bad-rows/--no-skip-bad-rows", help="Skip (and count) bad rows instead of stopping.")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Samples with more tokens are bad rows.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Use the first N usable samples only.")] = None,
+    num_workers: Annotated[int | None, typer.Option("--num-workers", help="DataLoader worker processes (0).")] = None,
+    save_steps: Annotated[int | None, typer.Option("--save-steps", help="Resumable checkpoint every N steps (200; 0 = none).")] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option("--keep-checkpoints", help="Newest checkpoints kept (2).")] = None,
+    stats_samples: Annotated[int | None, typer.Option("--stats-samples", help="Training samples the final router statistics use (64).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Train the routers fully and the language model with LoRA; save both as the checkpoint's sidecar."""
+    from accelerate.state import PartialState
+
+    from ..training import FinetuneSettings, finetune
+    from ..training.report import format_summary
+
+    base = FinetuneSettings.load(settings_file) if settings_file is not None else FinetuneSettings()
+    given = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
+                 train_projector=train_projector, qlora=qlora, dtype=dtype, router_aux_coef=router_aux_coef,
+                 route_text=route_text, shared_router=shared_router, lr=lr, router_lr=router_lr,
+                 weight_decay=weight_decay, warmup_ratio=warmup_ratio, epochs=epochs, max_steps=max_steps,
+                 batch_size=batch_size, grad_accum=grad_accum, seed=seed, mixed_precision=mixed_precision,
+                 gradient_checkpointing=gradient_checkpointing, skip_bad_rows=skip_bad_rows, max_length=max_length,
+                 limit=limit, num_workers=num_workers, save_steps=save_steps, keep_checkpoints=keep_checkpoints,
+                 stats_samples=stats_samples)
+    changes = {k: v for k, v in given.items() if v is not None}
+    if max_grad_norm is not None:
+        changes["max_grad_norm"] = max_grad_norm if max_grad_norm > 0 else None
+    settings = base.replace(**changes)
+    summary = finetune(checkpoint, data, image_folder, out=out, settings=settings, run_dir=run_dir, resume=resume,
+                       overwrite=overwrite)
+    if not PartialState().is_main_process:
+        return
+    if summary["skipped_rows"]:
+        console.print(f"skipped {summary['skipped_rows']} bad rows (see summary.json)", highlight=False)
+    if as_json:
+        out_console.print_json(json.dumps(summary))
+    else:
+        typer.echo(format_summary(summary))
+        typer.echo(f"wrote {summary['output']}/pmod_adapter (LoRA + routers) and {summary['output']}/pmod_finetune "
+                   "(finetune.yaml, log.jsonl, summary.json, finetune.png)")

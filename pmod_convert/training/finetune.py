@@ -1,0 +1,188 @@
+"""``pmod-convert finetune``: recover accuracy of a converted checkpoint with LoRA + fully trained routers.
+
+Reads LLaVA-style conversations, trains on one process or many (``accelerate launch``), and writes the LoRA
+adapter and routers as the checkpoint's finetune sidecar (``pmod_adapter/``, applied by ``load_pretrained``)
+plus a report folder beside it (``pmod_finetune/``: finetune.yaml, log.jsonl, summary.json, finetune.png).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import get_adapter
+from ..checkpoint import atomic_folder, read_config
+from ..errors import CheckpointError, RecipeError
+from ..sidecar import SIDECAR_DIR, has_sidecar, save_sidecar
+from .checkpoints import list_checkpoints
+from .data import load_training_data
+from .loop import LOG_FILE, TrainingLoop, check_resumable
+from .lora import count_parameters, load_base, lora_targets, prepare_for_training
+from .report import plot_run, router_statistics
+from .routing import untie_routers
+from .settings import FinetuneSettings
+
+REPORT_DIR = "pmod_finetune"
+
+
+def default_run_dir(target: Path) -> Path:
+    """Where resumable checkpoints and the live log go: a sibling of the output, ``<name>-finetune-run``."""
+    return target.parent / f"{target.name}-finetune-run"
+
+
+def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path | None = None, *,
+             out: str | Path | None = None, settings: FinetuneSettings | None = None,
+             run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+             callbacks: Sequence[Callable[[dict, Any], None]] = (), show_progress: bool = True) -> dict[str, Any]:
+    """Finetune a pmod checkpoint on LLaVA-style conversations; returns the run summary.
+
+    checkpoint:   a folder written by ``pmod-convert add-routers`` (its routers are the starting point).
+    data:         LLaVA-style ``.json`` / ``.jsonl``; ``image_folder``: where its image paths point (default:
+                  the data file's folder).
+    out:          write a copy of the checkpoint with the sidecar there; default: add the sidecar in place.
+    run_dir:      resumable checkpoints + live log (default ``<out or checkpoint>-finetune-run``).
+    resume:       continue from the newest checkpoint in ``run_dir`` (same settings and data required).
+    overwrite:    replace an existing sidecar / ``out`` / earlier run's checkpoints.
+    callbacks:    ``callback(record, model)`` after each optimizer step (and its checkpoint) on every process:
+                  the step's log record and the model being trained (peft-wrapped, outside DDP).
+    Works unchanged under ``accelerate launch`` (every process calls it; the main one writes the outputs).
+    """
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    wall = time.perf_counter()
+    settings = (settings or FinetuneSettings()).validate()
+    checkpoint = Path(checkpoint)
+    read_config(checkpoint)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and out_path.resolve() == checkpoint.resolve():
+        out_path = None
+    target = out_path or checkpoint
+    run_path = Path(run_dir) if run_dir is not None else default_run_dir(target)
+    _check_outputs(checkpoint, out_path, run_path, resume, overwrite)
+    if resume:
+        check_resumable(list_checkpoints(run_path)[-1], settings)
+
+    accelerator = _accelerator(settings.mixed_precision)
+    main = accelerator.is_main_process
+    set_seed(settings.seed)
+    dataset = load_training_data(data, image_folder, checkpoint, settings, show_progress=show_progress and main)
+    model = load_base(checkpoint, settings, device=accelerator.device)
+    model = prepare_for_training(model, settings)
+    params = count_parameters(model)
+    if main:
+        run_path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            shutil.rmtree(run_path / "checkpoints", ignore_errors=True)
+        settings.save(run_path / "finetune.yaml")
+    accelerator.wait_for_everyone()
+
+    set_seed(settings.seed, device_specific=True)  # dropout differs per process; the data order does not
+    loop = TrainingLoop(accelerator, model, dataset, settings, run_path, callbacks=callbacks,
+                        show_progress=show_progress)
+    result = loop.run(resume=resume)
+
+    summary: dict[str, Any] | None = None
+    bare = accelerator.unwrap_model(loop.model)
+    if main:
+        layers = router_statistics(bare, dataset, samples=settings.stats_samples, batch_size=settings.batch_size,
+                                   device=accelerator.device)
+        summary = _summary(result, dataset, settings, params, layers, accelerator.num_processes, checkpoint,
+                           target, run_path, wall)
+        if settings.shared_router:
+            untie_routers(bare)  # per-layer router tensors in the sidecar, as load_pretrained expects
+        _write_outputs(bare, checkpoint, out_path, run_path, settings, result.records, summary, overwrite)
+        summary["wall_seconds"] = time.perf_counter() - wall
+    accelerator.wait_for_everyone()
+    holder = [summary]
+    broadcast_object_list(holder)
+    return holder[0]
+
+
+def _accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    # Several processes started by torchrun (``accelerate launch --multi_gpu``) on a machine without a GPU:
+    # accelerate only forms a CPU process group (gloo) when told to use the CPU; otherwise every process
+    # would silently train alone and write the same outputs.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = world > 1 and not torch.cuda.is_available()
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError as exc:
+        if "already been initialized" in str(exc) and PartialState().num_processes == 1:
+            # A second run in the same single process with another precision: accelerate keeps one global
+            # state per process; resetting it is safe when nothing is distributed.
+            AcceleratorState._reset_state()
+            return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        raise RecipeError(f"mixed_precision {mixed_precision!r} is not available here: {exc}") from None
+
+
+def _check_outputs(checkpoint: Path, out: Path | None, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse before any training time is spent, not after."""
+    if out is not None and out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out is None and has_sidecar(checkpoint) and not overwrite:
+        raise CheckpointError(f"{checkpoint} already has a finetune sidecar ({SIDECAR_DIR}/); pass --out to write "
+                              "a finetuned copy elsewhere or --overwrite to replace it")
+    found = list_checkpoints(run_dir)
+    if not resume and found and not overwrite:
+        raise CheckpointError(f"{run_dir} holds training checkpoints of an earlier run; pass --resume to continue "
+                              "it, --overwrite to start over, or --run-dir to use another folder")
+    if resume and not found:
+        raise CheckpointError(f"--resume: {run_dir} holds no training checkpoint; run without --resume "
+                              "(checkpoints are written every --save-steps steps)")
+
+
+def _summary(result, dataset, settings: FinetuneSettings, params: dict, layers: list[dict], processes: int,
+             checkpoint: Path, target: Path, run_dir: Path, wall: float) -> dict[str, Any]:
+    losses = [r["loss"] for r in result.records]
+    tail = losses[-10:]
+    return {
+        "steps": result.records[-1]["step"] if result.records else 0,
+        "total_steps": result.total_steps,
+        "first_loss": losses[0] if losses else float("nan"),
+        "final_loss": losses[-1] if losses else float("nan"),
+        "final_loss_mean10": sum(tail) / len(tail) if tail else float("nan"),
+        "train_seconds": result.train_seconds,
+        "input_tokens": result.input_tokens,
+        "tokens_per_s": result.input_tokens / result.train_seconds if result.train_seconds > 0 else 0.0,
+        "samples": len(dataset),
+        "skipped_rows": dataset.skipped,
+        "skipped_reasons": dataset.skipped_reasons[:20],
+        "num_processes": processes,
+        "resumed_from_step": result.resumed_from,
+        "parameters": params,
+        "lora_targets": lora_targets(settings, get_adapter(read_config(checkpoint))) if settings.lora_r else None,
+        "layers": layers,
+        "checkpoint": str(checkpoint),
+        "output": str(target),
+        "run_dir": str(run_dir),
+        "wall_seconds": time.perf_counter() - wall,
+    }
+
+
+def _write_outputs(model, checkpoint: Path, out: Path | None, run_dir: Path, settings: FinetuneSettings,
+                   records: list[dict], summary: dict, overwrite: bool) -> None:
+    def write_into(folder: Path) -> None:
+        save_sidecar(model, folder, summary=summary, overwrite=True)
+        with atomic_folder(folder / REPORT_DIR, overwrite=True) as tmp:
+            settings.save(tmp / "finetune.yaml")
+            (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+            plot_run(records, summary["layers"], tmp / "finetune.png")
+
+    if out is None:
+        write_into(checkpoint)
+        return
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        shutil.copytree(checkpoint, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(SIDECAR_DIR, REPORT_DIR))
+        write_into(tmp)
+

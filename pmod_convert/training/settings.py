@@ -1,0 +1,148 @@
+"""The settings of one finetune run: a dataclass with a strict YAML form (saved as ``finetune.yaml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import RecipeError
+from ..recipe import _coerce
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+# Settings that may change when a run is resumed: none of them changes the computed weights. (max_steps
+# and epochs may not: they set the length of the cosine schedule.)
+RESUMABLE_CHANGES = ("save_steps", "keep_checkpoints", "log_steps", "stats_samples", "num_workers")
+
+
+@dataclass
+class FinetuneSettings:
+    """Everything that defines a finetune run. Defaults follow the issue (LoRA r 8 / alpha 16, lr 2e-4)."""
+
+    # LoRA on the language model (lora_r = 0: routers (and nothing else) are trained, no peft adapter)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str | None = None  # peft target_modules regex; None: the family's lora_target_regex
+    train_projector: bool = False  # the vision-language projector fully trainable (peft modules_to_save)
+    qlora: bool = False  # base language model quantized to 4-bit nf4 with bitsandbytes
+    dtype: str = "auto"  # dtype the base weights are loaded in (QLoRA: the compute dtype)
+
+    # Routing during training
+    router_aux_coef: float = 0.0  # gamma-MoD router loss: BCE(router logits, top-k selection); ~0.01
+    route_text: bool = False  # gamma-MoD masked routing learning: answer text is routed too, instructions never
+    shared_router: bool = False  # one router (the same parameters) in every MoD layer
+
+    # Optimisation
+    lr: float = 2e-4
+    router_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 1.0
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 1  # per process
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+
+    # Data
+    skip_bad_rows: bool = False
+    max_length: int | None = None  # longer samples are bad rows (truncating would cut image tokens)
+    limit: int | None = None  # use the first N usable rows only
+    num_workers: int = 0
+
+    # Bookkeeping
+    save_steps: int = 200  # a resumable checkpoint every N optimizer steps (0: none)
+    keep_checkpoints: int = 2
+    log_steps: int = 1
+    stats_samples: int = 64  # training samples the final router statistics are measured on
+
+    def validate(self) -> FinetuneSettings:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise RecipeError(message)
+
+        need(self.lora_r >= 0, f"lora_r must be >= 0 (0 trains the routers only), got {self.lora_r}")
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_targets is not None:
+            try:
+                re.compile(self.lora_targets)
+            except re.error as exc:
+                raise RecipeError(f"lora_targets is not a valid regular expression ({exc})") from None
+        need(not (self.train_projector and self.lora_r == 0),
+             "train_projector needs a LoRA adapter to be saved with (set lora_r >= 1)")
+        need(not (self.qlora and self.lora_r == 0), "qlora trains LoRA adapters on a 4-bit base; set lora_r >= 1")
+        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(self.router_aux_coef >= 0, f"router_aux_coef must be >= 0, got {self.router_aux_coef}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.router_lr is None or self.router_lr > 0, f"router_lr must be > 0, got {self.router_lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max_grad_norm must be > 0 (or null for no clipping), got {self.max_grad_norm}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.mixed_precision in MIXED_PRECISION,
+             f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        need(self.max_length is None or self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
+        need(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.save_steps >= 0, f"save_steps must be >= 0 (0: no intermediate checkpoints), got {self.save_steps}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.log_steps >= 1, f"log_steps must be >= 1, got {self.log_steps}")
+        need(self.stats_samples >= 0, f"stats_samples must be >= 0, got {self.stats_samples}")
+        return self
+
+    @property
+    def effective_router_lr(self) -> float:
+        return self.lr if self.router_lr is None else self.router_lr
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "finetune settings") -> FinetuneSettings:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+        kwargs = {name: _coerce(value, fields[name].type, f"{where}.{name}") for name, value in data.items()}
+        return cls(**kwargs).validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> FinetuneSettings:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"finetune settings file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(data, where=str(path))
+
+    def differences(self, other: FinetuneSettings) -> list[str]:
+        """Settings that differ from ``other`` and would make a resumed run differ from an uninterrupted one."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]]
+
+    def replace(self, **changes: Any) -> FinetuneSettings:
+        return dataclasses.replace(self, **changes).validate()
