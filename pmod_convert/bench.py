@@ -1,0 +1,876 @@
+"""Measured savings: the MoD model against its dense model in one process, same prompts, alternating runs.
+
+``bench(mod_model, dense_model, ...)`` builds prompt batches with a given number of vision and text
+tokens per row (the nearest the family's image geometry allows; the real counts are reported), runs
+greedy ``generate`` on both models (warm-up first, then alternating dense/MoD runs, order flipped
+every repeat), and reports medians and MoD / dense ratios of:
+
+- prefill latency: from ``generate`` handing the prompt to the streamer to the first token (one
+  forward pass over the prompt, vision tower included, logits of the last position only);
+- decode tokens/s: the ``new_tokens - 1`` single-token steps after the first token, with the cache
+  (EOS is suppressed with ``min_new_tokens``, so every run decodes the same number of steps);
+- peak memory during one untimed ``generate`` call, above the level at its start (weights and inputs
+  excluded). CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the peak
+  of bytes live in torch's CPU allocator, from the profiler's allocation events; allocator caching,
+  the OS and libraries that allocate outside torch (oneDNN scratch) are not seen;
+- KV-cache bytes read from the cache tensors after the prefill and after the decode (the MoD
+  layers' ``MoDCacheLayer`` hold only the tokens they kept);
+- estimated FLOPs from ``pmod_convert.efficiency.estimate`` for the real token counts.
+
+Timing is wall clock around ``torch.cuda.synchronize()`` on CUDA. Nothing here asserts speed: the
+numbers are for people to read (``benchmarks/``), next to the estimate, with their spread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import ArchitectureAdapter, get_adapter
+from .errors import PmodError
+
+__all__ = [
+    "BenchError",
+    "BenchReport",
+    "ModelRun",
+    "PromptPlan",
+    "bench",
+    "build_prompts",
+    "cache_bytes",
+    "cached_tokens",
+    "check_workload",
+    "format_report",
+    "pair_from_checkpoint",
+    "pair_from_shape",
+    "report_header",
+    "report_rows",
+    "save_report",
+    "vision_layout",
+]
+
+
+class BenchError(PmodError):
+    """A benchmark setting is invalid (token counts, repeats, device, mismatched models)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts with a chosen number of vision and text tokens per row
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisionLayout:
+    """Images of ONE row that give ``tokens`` vision tokens: ``sizes`` are (height, width) in pixels."""
+
+    sizes: tuple[tuple[int, int], ...]
+    tokens: int
+
+    def describe(self) -> str:
+        if not self.sizes:
+            return "no image"
+        distinct = sorted(set(self.sizes))
+        what = ", ".join(f"{h}x{w}" for h, w in distinct)
+        return f"{len(self.sizes)} image(s) of {what} px"
+
+
+def _nearest(options: list[tuple[int, tuple[tuple[int, int], ...]]], n: int) -> VisionLayout:
+    # Closest count; ties go to fewer images, then to the squarer image.
+    def key(option):
+        tokens, sizes = option
+        return abs(tokens - n), len(sizes), sum(abs(h - w) for h, w in sizes)
+
+    tokens, sizes = min(options, key=key)
+    return VisionLayout(tuple(sizes), tokens)
+
+
+def _square_factors(n: int) -> tuple[int, int]:
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return a, n // a
+
+
+def _layout_llava(config: Any, n: int) -> VisionLayout:
+    from .adapters.llava import image_tokens
+
+    per_image, s = image_tokens(config), config.vision_config.image_size
+    k = max(1, round(n / per_image))
+    return VisionLayout(((s, s),) * k, k * per_image)
+
+
+def _layout_qwen(config: Any, n: int) -> VisionLayout:
+    from .adapters.qwen2_vl import grid_tokens, image_grid
+
+    unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    a, b = _square_factors(n)  # a x b merged patches: exactly n tokens
+    size = (a * unit, b * unit)
+    return VisionLayout((size,), grid_tokens(config, image_grid(config, *size)))
+
+
+def _layout_idefics(config: Any, n: int) -> VisionLayout:
+    from .adapters.idefics3 import image_tokens, tile_tokens
+
+    s = config.vision_config.image_size
+    tiles = max(1, round(n / tile_tokens(config)))
+    if tiles <= 2:  # one image of one tile, or two of them (a split image has at least 2 + 1 tiles)
+        return VisionLayout(((s, s),) * tiles, tiles * image_tokens(config, s, s))
+    r, c = _square_factors(tiles - 1)  # a split image: rows * cols tiles + 1 global tile
+    return VisionLayout(((r * s, c * s),), image_tokens(config, r * s, c * s))
+
+
+def _anyres_table(config: Any, count: Callable[[int, int], int]) -> dict[int, tuple[int, int]]:
+    """Vision tokens of one any-res image -> the squarest (height, width) giving it, over a size grid."""
+    patch = config.vision_config.patch_size
+    top = max(max(p) for p in config.image_grid_pinpoints)
+    step = patch * max(1, math.ceil(top / (patch * 80)))  # at most ~80 sizes per side
+    table: dict[int, tuple[int, int]] = {}
+    for h in range(step, top + 1, step):
+        for w in range(step, top + 1, step):
+            tokens = count(h, w)
+            best = table.get(tokens)
+            if best is None or abs(h - w) < abs(best[0] - best[1]):
+                table[tokens] = (h, w)
+    return table
+
+
+def _layout_llava_next(config: Any, n: int) -> VisionLayout:
+    from .adapters.llava_next import image_tokens
+
+    table = _anyres_table(config, lambda h, w: image_tokens(config, h, w))
+    options = []
+    for k in range(1, max(1, math.ceil(n / min(table))) + 1):
+        if k > 64:
+            break
+        per = min(table, key=lambda t: abs(t - n / k))
+        options.append((k * per, (table[per],) * k))
+    return _nearest(options, n)
+
+
+def _layout_onevision(config: Any, n: int) -> VisionLayout:
+    from .adapters.llava_onevision import image_tokens
+
+    # An image alone in its row is tiled any-res; images of multi-image rows use the base tile only.
+    table = _anyres_table(config, lambda h, w: image_tokens(config, h, w, single_image_row=True))
+    options = [(t, (size,)) for t, size in table.items()]
+    s = config.vision_config.image_size
+    base = image_tokens(config, s, s, single_image_row=False)
+    k = max(2, round(n / base))
+    options.append((k * base, ((s, s),) * k))
+    return _nearest(options, n)
+
+
+_LAYOUTS: dict[str, Callable[[Any, int], VisionLayout]] = {
+    "llava": _layout_llava,
+    "llava_next": _layout_llava_next,
+    "llava_onevision": _layout_onevision,
+    "qwen2_vl": _layout_qwen,
+    "qwen2_5_vl": _layout_qwen,
+    "idefics3": _layout_idefics,
+    "smolvlm": _layout_idefics,
+}
+
+
+def vision_layout(config: Any, vision_tokens: int) -> VisionLayout:
+    """The images of one row whose vision-token count is nearest to ``vision_tokens`` for this family.
+
+    Exact for Qwen2-VL / Qwen2.5-VL (an a x b patch grid); multiples of the per-image count for
+    LLaVA-1.5 and of the per-tile count for Idefics3 / SmolVLM; the nearest count over a grid of image
+    sizes for the any-res families (LLaVA-NeXT, LLaVA-OneVision).
+    """
+    if vision_tokens == 0:
+        return VisionLayout((), 0)
+    family = get_adapter(config).family
+    return _LAYOUTS[family](config, vision_tokens)
+
+
+@dataclass
+class PromptPlan:
+    """What the prompt batch really holds (per row; every row has the same counts)."""
+
+    batch_size: int
+    requested_vision_tokens: int
+    requested_text_tokens: int
+    vision_tokens: int
+    text_tokens: int
+    layout: str
+
+
+def build_prompts(model_or_config: Any, *, batch_size: int, vision_tokens: int, text_tokens: int,
+                  seed: int = 0) -> tuple[dict[str, torch.Tensor], PromptPlan]:
+    """A batch of ``batch_size`` identical-shape prompts with (nearly) the requested token counts.
+
+    Text tokens are every non-vision token of a row (BOS, vision start/end markers and tile tags
+    included), so random text fills the rest up to ``text_tokens``; rows are unpadded.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    adapter = get_adapter(config)
+    layout = vision_layout(config, vision_tokens)
+    kwargs: dict[str, Any] = {"images_per_row": len(layout.sizes)}
+    if layout.sizes:
+        kwargs["image_sizes"] = list(layout.sizes) * batch_size
+
+    def make(n_text: int) -> dict[str, torch.Tensor]:
+        return adapter.dummy_inputs(config, batch_size=batch_size, text_lengths=[n_text] * batch_size, seed=seed,
+                                    **kwargs)
+
+    inputs = make(text_tokens)
+    markers = _text_counts(inputs, adapter, config)[0] - text_tokens  # non-vision tokens that are not random text
+    if markers:
+        inputs = make(max(0, text_tokens - markers))
+    text = _text_counts(inputs, adapter, config)
+    vision = _vision_counts(inputs, adapter, config)
+    if len(set(text)) != 1 or len(set(vision)) != 1 or vision[0] != layout.tokens:
+        raise BenchError(f"the {adapter.family} prompt builder gave rows of {vision} vision / {text} text tokens, "
+                         f"expected {layout.tokens} vision tokens in every row")
+    plan = PromptPlan(batch_size, vision_tokens, text_tokens, vision[0], text[0], layout.describe())
+    return inputs, plan
+
+
+def _vision_mask(inputs: dict[str, torch.Tensor], adapter: ArchitectureAdapter, config: Any) -> torch.Tensor:
+    ids = torch.tensor(adapter.vision_token_ids(config))
+    return torch.isin(inputs["input_ids"], ids)
+
+
+def _vision_counts(inputs, adapter, config) -> list[int]:
+    return _vision_mask(inputs, adapter, config).sum(1).tolist()
+
+
+def _text_counts(inputs, adapter, config) -> list[int]:
+    real = inputs["attention_mask"].bool()
+    return (real & ~_vision_mask(inputs, adapter, config)).sum(1).tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _cache_tensors(layer: Any) -> list[torch.Tensor]:
+    return [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor)]
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by the key/value tensors of every layer of a transformers ``Cache`` (padding included)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in _cache_tensors(layer))
+
+
+def cached_tokens(cache: Any) -> list[int]:
+    """Per layer: cached tokens summed over the batch (MoD layers: the valid entries they kept)."""
+    from .mod.cache import MoDCacheLayer
+
+    out = []
+    for layer in cache.layers:
+        if isinstance(layer, MoDCacheLayer):
+            out.append(int(layer.kept_lengths().sum()))
+        else:
+            keys = getattr(layer, "keys", None)
+            out.append(int(keys.shape[0] * keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# One generate call, timed by a streamer
+# --------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _clock_class():
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        """``generate`` calls ``put`` with the prompt right before the prefill and with every new token."""
+
+        def __init__(self, sync: Callable[[], None], on_first_token: Callable[[], None]):
+            self.sync, self.on_first_token, self.times, self.paused = sync, on_first_token, [], 0.0
+
+        def put(self, value: torch.Tensor) -> None:
+            self.sync()
+            self.times.append(time.perf_counter())
+            if len(self.times) == 2:  # the prefill is done; its cache is read off the clock
+                self.on_first_token()
+                self.paused = time.perf_counter() - self.times[1]
+
+        def end(self) -> None:
+            pass
+
+    return StepClock
+
+
+@dataclass
+class _Call:
+    prefill_s: float
+    decode_s: float | None
+    kv_bytes_prefill: int | None = None
+    kv_bytes_decode: int | None = None
+    cached_tokens_prefill: list[int] | None = None
+    peak_memory_bytes: int | None = None
+
+
+def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, device: torch.device) -> _Call:
+    from transformers import DynamicCache, GenerationConfig
+
+    config = model.config
+    gen = getattr(model, "generation_config", None)
+    steps = max(1, new_tokens)
+    settings = GenerationConfig(
+        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1, use_cache=True,
+        pad_token_id=getattr(gen, "pad_token_id", None) if getattr(gen, "pad_token_id", None) is not None
+        else get_adapter(config).pad_token_id(config),
+        eos_token_id=getattr(gen, "eos_token_id", None), bos_token_id=getattr(gen, "bos_token_id", None),
+    )
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    seen: dict[str, Any] = {}
+
+    def at_first_token() -> None:  # the cache holds exactly the prompt now
+        seen["kv"], seen["tokens"] = cache_bytes(cache), cached_tokens(cache)
+
+    clock = _clock_class()(_sync(device), at_first_token)
+    with torch.no_grad():
+        model.generate(**inputs, generation_config=settings, streamer=clock, cache=cache)
+    times = clock.times
+    if len(times) != steps + 1:
+        raise BenchError(f"generate produced {len(times) - 1} tokens, expected {steps}")
+    return _Call(prefill_s=times[1] - times[0],
+                 decode_s=times[-1] - times[1] - clock.paused if new_tokens >= 2 else None,
+                 kv_bytes_prefill=seen["kv"], cached_tokens_prefill=seen["tokens"],
+                 kv_bytes_decode=cache_bytes(cache) if new_tokens >= 2 else None)
+
+
+# Lines the profiler's C++ side prints on every use; they say nothing about the measurement.
+_PROFILER_CHATTER = ("SyncActivityProfilerHandler", "allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def _quiet_profiler() -> Iterator[None]:
+    """Drop the profiler's own log lines from stderr (file descriptor 2); everything else is replayed."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. captured by a test runner): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(marker in line for marker in _PROFILER_CHATTER)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def _cpu_allocator_peak(run: Callable[[], _Call]) -> tuple[_Call, int | None]:
+    """Run under the torch profiler; the peak of (allocated - freed) bytes over the call's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call = run()
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:
+        return call, None
+    events = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return call, peak
+
+
+def _memory_run(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, device: torch.device) -> _Call:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        call = _generate(model, inputs, new_tokens, device)
+        call.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device) - base)
+        return call
+    call, peak = _cpu_allocator_peak(lambda: _generate(model, inputs, new_tokens, device))
+    call.peak_memory_bytes = peak
+    return call
+
+
+CPU_MEMORY_METHOD = (
+    "CPU: peak bytes live in torch's CPU allocator during one untimed generate call (prefill + decode), above the "
+    "level at its start, from the torch profiler's allocation events (profile_memory=True); weights and inputs are "
+    "excluded, and memory allocated outside torch (oneDNN/BLAS scratch, allocator caching, the OS) is not seen"
+)
+CUDA_MEMORY_METHOD = (
+    "CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the memory allocated before one "
+    "untimed generate call (prefill + decode); weights and inputs are excluded"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRun:
+    """Measurements of one model. Times in seconds, one entry per timed repeat."""
+
+    prefill_s: list[float]
+    decode_s: list[float] | None
+    prefill_s_median: float
+    decode_tokens_per_s: float | None  # generated tokens of the whole batch per second, median over repeats
+    peak_memory_bytes: int | None
+    kv_bytes_prefill: int
+    kv_bytes_decode: int | None
+    cached_tokens_per_layer: list[int]  # after the prefill, summed over the batch
+
+
+@dataclass
+class BenchReport:
+    model: str
+    family: str
+    device: str
+    device_name: str
+    dtype: str
+    threads: int
+    batch_size: int
+    requested_vision_tokens: int
+    requested_text_tokens: int
+    vision_tokens: int  # per row, real
+    text_tokens: int  # per row, real (every non-vision token)
+    prompt_layout: str
+    new_tokens: int
+    warmup: int
+    repeats: int
+    layer_ratios: list[float | None]
+    dense: ModelRun
+    mod: ModelRun
+    ratios: dict[str, float | None]  # MoD / dense
+    prefill_ratio_per_repeat: list[float]  # MoD / dense of each alternating pair: the run-to-run noise
+    estimate: dict[str, Any]
+    memory_method: str
+    notes: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _median(values: list[float] | None) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _ratio(mod: float | None, dense: float | None) -> float | None:
+    if mod is None or dense is None or dense == 0:
+        return None
+    return float(mod) / float(dense)
+
+
+def check_workload(*, batch_size: int, vision_tokens: int | None, text_tokens: int, new_tokens: int,
+                   warmup: int, repeats: int) -> None:
+    """One-line errors for impossible benchmark settings (before any model is loaded)."""
+    checks = [("batch size", batch_size, 1), ("text tokens", text_tokens, 0), ("new tokens", new_tokens, 0),
+              ("warm-up runs", warmup, 0), ("repeats", repeats, 1)]
+    if vision_tokens is not None:
+        checks.append(("vision tokens", vision_tokens, 0))
+    for name, value, low in checks:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise BenchError(f"{name} must be an integer >= {low}, got {value!r}")
+    if (vision_tokens or 0) + text_tokens == 0:
+        raise BenchError("the prompt would be empty: ask for some vision or text tokens")
+
+
+def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    if device is None:
+        return next(model.parameters()).device
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise BenchError(f"unknown device {device!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("CUDA is not available in this torch build or machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"device {device.type!r} is not supported by the benchmark; use cpu or cuda")
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _check_pair(mod_model: nn.Module, dense_model: nn.Module) -> list[float | None]:
+    from .api import is_pmod_model, layer_infos
+    from .efficiency import TextShape
+
+    if not is_pmod_model(mod_model):
+        raise BenchError("the MoD model has no MoD layers; convert it with pmod_convert.add_routers or load a pmod checkpoint")
+    if is_pmod_model(dense_model):
+        raise BenchError("the dense model has MoD layers; load it with pmod_convert.load_dense")
+    a, b = get_adapter(mod_model), get_adapter(dense_model)
+    if a.family != b.family or TextShape.from_config(mod_model.config) != TextShape.from_config(dense_model.config):
+        raise BenchError(f"the MoD model ({a.family}) and the dense model ({b.family}) differ in family or decoder "
+                         "shape; compare a model with its own dense version")
+    return [info.ratio for info in layer_infos(mod_model)]
+
+
+def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, vision_tokens: int | None = None,
+          text_tokens: int = 64, new_tokens: int = 16, warmup: int = 1, repeats: int = 5,
+          device: str | torch.device | None = None, seed: int = 0, memory: bool = True, progress: bool = True,
+          label: str | None = None) -> BenchReport:
+    """Measure ``mod_model`` against ``dense_model`` on the same prompts (see the module docstring).
+
+    ``vision_tokens=None`` uses one typical image of the family (``efficiency.default_vision_tokens``).
+    ``device``: move both models there first (default: where the MoD model is). ``repeats`` timed
+    runs per model follow ``warmup`` untimed ones and, with ``memory``, one untimed peak-memory run per
+    model. KV-cache bytes are read in every run, off the clock (the last timed run is reported).
+    """
+    from tqdm.auto import tqdm
+
+    from .efficiency import TextShape, default_vision_tokens, estimate
+
+    ratios = _check_pair(mod_model, dense_model)
+    if vision_tokens is None:
+        vision_tokens = default_vision_tokens(mod_model.config)
+    check_workload(batch_size=batch_size, vision_tokens=vision_tokens, text_tokens=text_tokens,
+                   new_tokens=new_tokens, warmup=warmup, repeats=repeats)
+    device = _resolve_device(device, mod_model)
+    mod_model.to(device).eval()
+    dense_model.to(device).eval()
+    inputs, plan = build_prompts(mod_model, batch_size=batch_size, vision_tokens=vision_tokens,
+                                 text_tokens=text_tokens, seed=seed)
+    dtype = next(dense_model.parameters()).dtype
+    inputs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+    models = {"dense": dense_model, "mod": mod_model}
+    bar = tqdm(total=2 * (warmup + int(memory) + repeats), desc="bench", unit="run", disable=not progress,
+               file=sys.stderr, leave=False)
+    timed: dict[str, list[_Call]] = {"dense": [], "mod": []}
+    peaks: dict[str, int | None] = {"dense": None, "mod": None}
+    try:
+        for i in range(warmup):
+            for name in _order(i):
+                bar.set_description(f"warm-up {i + 1}/{warmup} {name}")
+                _generate(models[name], inputs, new_tokens, device)
+                bar.update()
+        for name in ("dense", "mod") if memory else ():
+            bar.set_description(f"peak memory {name}")
+            peaks[name] = _memory_run(models[name], inputs, new_tokens, device).peak_memory_bytes
+            bar.update()
+        for i in range(repeats):
+            for name in _order(i):
+                bar.set_description(f"timed {i + 1}/{repeats} {name}")
+                timed[name].append(_generate(models[name], inputs, new_tokens, device))
+                bar.update()
+    finally:
+        bar.close()
+
+    runs = {name: _model_run(timed[name], peaks[name], batch_size, new_tokens) for name in models}
+    element = torch.empty((), dtype=dtype).element_size()
+    est = estimate(TextShape.from_config(mod_model.config), ratios, [plan.vision_tokens] * batch_size,
+                   [plan.text_tokens] * batch_size, new_tokens=new_tokens, bytes_per_element=element)
+    d, m = runs["dense"], runs["mod"]
+    report_ratios = {
+        "prefill_time": _ratio(m.prefill_s_median, d.prefill_s_median),
+        "decode_tokens_per_s": _ratio(m.decode_tokens_per_s, d.decode_tokens_per_s),
+        "peak_memory": _ratio(m.peak_memory_bytes, d.peak_memory_bytes),
+        "kv_bytes_prefill": _ratio(m.kv_bytes_prefill, d.kv_bytes_prefill),
+        "kv_bytes_decode": _ratio(m.kv_bytes_decode, d.kv_bytes_decode),
+        "estimated_prefill_flops": est.flops_ratio,
+        "estimated_decode_flops": est.decode_flops_ratio,
+        "estimated_kv_bytes": est.kv_ratio,
+    }
+    summary = {k: v for k, v in est.to_dict().items() if k != "layers"}
+    summary["mod_cached_tokens_per_layer"] = [row.cached_tokens for row in est.layers]
+    return BenchReport(
+        model=label or type(mod_model).__name__, family=get_adapter(mod_model).family, device=str(device),
+        device_name=_device_name(device), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
+        batch_size=batch_size, requested_vision_tokens=plan.requested_vision_tokens,
+        requested_text_tokens=plan.requested_text_tokens, vision_tokens=plan.vision_tokens,
+        text_tokens=plan.text_tokens, prompt_layout=plan.layout, new_tokens=new_tokens, warmup=warmup,
+        repeats=repeats, layer_ratios=ratios, dense=d, mod=m, ratios=report_ratios,
+        prefill_ratio_per_repeat=[a / b for a, b in zip(m.prefill_s, d.prefill_s)],
+        estimate=summary, memory_method=_memory_method(device, memory),
+        notes=_notes(plan, new_tokens), versions=_versions(),
+    )
+
+
+def _memory_method(device: torch.device, measured: bool) -> str:
+    if not measured:
+        return "peak memory not measured (memory=False)"
+    return CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
+
+
+def _order(i: int) -> tuple[str, str]:
+    # Flip the order every repeat so slow drift (thermal, other jobs) hits both models alike.
+    return ("dense", "mod") if i % 2 == 0 else ("mod", "dense")
+
+
+def _model_run(calls: list[_Call], peak: int | None, batch_size: int, new_tokens: int) -> ModelRun:
+    prefill = [c.prefill_s for c in calls]
+    decode = [c.decode_s for c in calls] if new_tokens >= 2 else None
+    rate = None
+    if decode:
+        rate = statistics.median(batch_size * (new_tokens - 1) / s for s in decode)
+    return ModelRun(prefill_s=prefill, decode_s=decode, prefill_s_median=_median(prefill), decode_tokens_per_s=rate,
+                    peak_memory_bytes=peak, kv_bytes_prefill=calls[-1].kv_bytes_prefill,
+                    kv_bytes_decode=calls[-1].kv_bytes_decode, cached_tokens_per_layer=calls[-1].cached_tokens_prefill)
+
+
+def _notes(plan: PromptPlan, new_tokens: int) -> list[str]:
+    notes = [("prefill latency: generate's prompt forward pass (vision tower, embeddings, decoder, lm_head on the "
+              "last position); the FLOPs estimate counts decoder layers only")]
+    if new_tokens >= 2:
+        notes += [("decode: greedy, EOS suppressed (min_new_tokens); tokens/s over the new_tokens - 1 steps after "
+                   "the first token, counted over the whole batch"),
+                  ("the cache after decode holds the prompt plus new_tokens - 1 tokens (the last token is never fed "
+                   "back)")]
+    if plan.vision_tokens != plan.requested_vision_tokens:
+        notes.append(f"asked for {plan.requested_vision_tokens} vision tokens per row; the nearest this family's "
+                     f"image geometry gives is {plan.vision_tokens} ({plan.layout})")
+    if plan.text_tokens != plan.requested_text_tokens:
+        notes.append(f"asked for {plan.requested_text_tokens} text tokens per row; the family's image markers "
+                     f"alone need {plan.text_tokens}")
+    if new_tokens == 0:
+        notes.append("new_tokens = 0: prefill only (one token is produced to end the prefill)")
+    return notes
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"pmod_convert": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cpu_count": str(os.cpu_count())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model pairs: a named shape, or a checkpoint and its dense model
+# --------------------------------------------------------------------------------------------------
+
+
+def _share_weights_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters ARE the original's tensors (no weight memory)."""
+    import copy
+
+    memo = {id(p): p for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def pair_from_shape(name: str, recipe: Any = None, *, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device = "cpu", seed: int = 0) -> tuple[nn.Module, nn.Module, str]:
+    """``(mod, dense, label)``: a random model of a named shape and its MoD conversion (``recipe``; default:
+    the published schedule). Both share the same weight tensors, so memory holds one set of weights."""
+    from .api import add_routers, resolve_dtype
+    from .shapes import build_shape, get_shape
+
+    shape = get_shape(name)
+    torch_dtype = resolve_dtype(dtype)
+    if torch_dtype == "auto":
+        torch_dtype = torch.float32
+    device = _resolve_device(device, None) if device is not None else torch.device("cpu")
+    dense = build_shape(name, dtype=torch_dtype, device=device, seed=seed)
+    mod = add_routers(_share_weights_copy(dense), recipe)
+    return mod, dense, f"shape {shape.name}: {shape.summary} (random weights)"
+
+
+def pair_from_checkpoint(checkpoint: str | Path, dense: str | Path | None = None, *,
+                         dtype: str | torch.dtype | None = None,
+                         device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module, str]:
+    """``(mod, dense, label)``: a pmod checkpoint (``load_pretrained``) and its dense model: ``dense`` if given,
+    else the same folder loaded with ``load_dense`` (routers ignored: the dense fallback). A finetune
+    sidecar's LoRA is merged into the MoD model's weights, so it costs no extra time."""
+    from .api import load_dense, load_pretrained
+
+    device = _resolve_device(device, None) if device is not None else torch.device("cpu")
+    device_map = str(device) if device.type == "cuda" else None
+    mod = load_pretrained(checkpoint, dtype=dtype, device_map=device_map)
+    if hasattr(mod, "merge_and_unload"):
+        mod = mod.merge_and_unload()
+    reference = load_dense(dense if dense is not None else checkpoint, dtype=dtype, device_map=device_map)
+    label = f"checkpoint {checkpoint} vs dense {dense if dense is not None else f'{checkpoint} (routers ignored)'}"
+    return mod, reference, label
+
+
+# --------------------------------------------------------------------------------------------------
+# Output: JSON + PNG, human-readable lines
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} B"
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("KFLOPs", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} FLOPs"
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def report_rows(report: BenchReport) -> list[tuple[str, str, str, str]]:
+    """(metric, dense, MoD, MoD / dense) rows for a table."""
+    d, m, r = report.dense, report.mod, report.ratios
+    est = report.estimate
+
+    def spread(values: list[float]) -> str:
+        return f"{_fmt_s(statistics.median(values))} ({_fmt_s(min(values))}-{_fmt_s(max(values))})"
+
+    rows = [
+        ("prefill latency, median (min-max)", spread(d.prefill_s), spread(m.prefill_s), _fmt_ratio(r["prefill_time"])),
+        ("prefill FLOPs, estimated (decoder)", _fmt_flops(est["dense_decoder_flops"]),
+         _fmt_flops(est["mod_decoder_flops"]), _fmt_ratio(r["estimated_prefill_flops"])),
+    ]
+    if d.decode_tokens_per_s is not None:
+        rows += [
+            ("decode tokens/s, median", f"{d.decode_tokens_per_s:.2f}", f"{m.decode_tokens_per_s:.2f}",
+             _fmt_ratio(r["decode_tokens_per_s"])),
+            ("decode FLOPs, estimated", _fmt_flops(est["dense_decode_flops"]),
+             _fmt_flops(est["mod_decode_flops"]), _fmt_ratio(r["estimated_decode_flops"])),
+        ]
+    rows += [
+        ("peak memory above start (see note)", _fmt_bytes(d.peak_memory_bytes), _fmt_bytes(m.peak_memory_bytes),
+         _fmt_ratio(r["peak_memory"])),
+        ("KV cache after prefill, measured", _fmt_bytes(d.kv_bytes_prefill), _fmt_bytes(m.kv_bytes_prefill),
+         _fmt_ratio(r["kv_bytes_prefill"])),
+        ("KV cache after prefill, estimated", _fmt_bytes(est["dense_kv_bytes"]), _fmt_bytes(est["mod_kv_bytes"]),
+         _fmt_ratio(r["estimated_kv_bytes"])),
+    ]
+    if d.kv_bytes_decode is not None and report.new_tokens >= 2:
+        rows.append(("KV cache after decode, measured", _fmt_bytes(d.kv_bytes_decode), _fmt_bytes(m.kv_bytes_decode),
+                     _fmt_ratio(r["kv_bytes_decode"])))
+    return rows
+
+
+def report_header(report: BenchReport) -> list[str]:
+    n_mod = sum(1 for r in report.layer_ratios if r is not None)
+    noise = report.prefill_ratio_per_repeat
+    return [
+        report.model,
+        (f"{report.family} on {report.device} ({report.device_name}), {report.dtype}, {report.threads} thread(s); "
+         f"{n_mod}/{len(report.layer_ratios)} MoD layers"),
+        (f"batch {report.batch_size} x ({report.vision_tokens} vision + {report.text_tokens} text tokens; "
+         f"{report.prompt_layout}), {report.new_tokens} new tokens; {report.warmup} warm-up + {report.repeats} "
+         "timed runs per model, alternating"),
+        "prefill time ratio of each alternating pair: " + ", ".join(f"{x:.3f}" for x in noise),
+    ]
+
+
+def format_report(report: BenchReport) -> str:
+    """Plain-text version of the table (for scripts and logs)."""
+    rows = [("metric", "dense", "MoD", "MoD/dense")] + report_rows(report)
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = report_header(report) + [""]
+    for j, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
+        if j == 0:
+            lines.append("-" * (sum(widths) + 6))
+    lines += ["", f"memory: {report.memory_method}"] + [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def _plot(report: BenchReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = report.ratios
+    bars = [("prefill time", r["prefill_time"], "measured"),
+            ("prefill FLOPs", r["estimated_prefill_flops"], "estimated")]
+    if r["decode_tokens_per_s"]:
+        bars += [("decode time/token", 1.0 / r["decode_tokens_per_s"], "measured"),
+                 ("decode FLOPs", r["estimated_decode_flops"], "estimated")]
+    bars += [("peak memory", r["peak_memory"], "measured"), ("KV after prefill", r["kv_bytes_prefill"], "measured"),
+             ("KV estimated", r["estimated_kv_bytes"], "estimated")]
+    bars = [b for b in bars if b[1] is not None]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    colors = {"measured": "tab:blue", "estimated": "tab:gray"}
+    ax.bar(range(len(bars)), [b[1] for b in bars], color=[colors[b[2]] for b in bars])
+    for i, (_, value, _) in enumerate(bars):
+        ax.text(i, value, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_ylim(0, max(1.1, 1.1 * max(b[1] for b in bars)))
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("MoD / dense (lower is better)")
+    ax.set_title("blue: measured, gray: estimated", fontsize=9)
+    repeats = range(1, len(report.dense.prefill_s) + 1)
+    ax2.plot(repeats, report.dense.prefill_s, "o-", label="dense")
+    ax2.plot(repeats, report.mod.prefill_s, "o-", label="MoD")
+    ax2.set_xticks(list(repeats))
+    ax2.set_xlabel("timed repeat")
+    ax2.set_ylabel("prefill latency (s)")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{report.family}, {report.device}, {report.dtype}: batch {report.batch_size} x "
+                 f"({report.vision_tokens} vision + {report.text_tokens} text), {report.new_tokens} new tokens",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def save_report(report: BenchReport, path: str | Path, *, plot: bool = True) -> list[Path]:
+    """Write ``path`` (JSON) and, with ``plot``, a PNG beside it; both appear only when both are complete."""
+    path = Path(path)
+    if path.is_dir():
+        raise BenchError(f"{path} is a folder; pass a file name such as report.json")
+    if path.suffix.lower() == ".png":
+        raise BenchError(f"{path}: pass the JSON file name (report.json); the PNG is written beside it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    targets = [path] + ([path.with_suffix(".png")] if plot else [])
+    temps = []
+    for target in targets:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(handle)
+        temps.append(Path(name))
+    try:
+        temps[0].write_text(report.to_json())
+        if plot:
+            _plot(report, temps[1])
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    return targets
