@@ -3,11 +3,31 @@
 __version__ = "0.1.0"
 
 from .api import add_routers, convert, is_pmod_model, layer_infos, load_dense, load_pretrained, save_pretrained  # noqa: E402
-from .errors import CheckpointError, PmodError, RecipeError, UnsupportedArchitecture  # noqa: E402
+from .errors import CheckpointError, DataError, PmodError, RecipeError, UnsupportedArchitecture  # noqa: E402
 from .recipe import Recipe, RouterSettings, ScheduleSettings  # noqa: E402
+
+# The functions behind the pipeline commands, imported on first use (they pull in peft, bitsandbytes,
+# accelerate and matplotlib, which plain conversion does not need).
+_LAZY = {
+    "calibrate": ("calibration", "calibrate"),
+    "finetune": ("training", "finetune"),
+    "FinetuneSettings": ("training", "FinetuneSettings"),
+    "export_checkpoint": ("export", "export"),
+    "evaluate": ("evaluation", "evaluate"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "__version__", "add_routers", "convert", "is_pmod_model", "layer_infos", "load_dense", "load_pretrained",
     "save_pretrained", "Recipe", "RouterSettings", "ScheduleSettings", "PmodError", "RecipeError",
-    "CheckpointError", "UnsupportedArchitecture",
+    "CheckpointError", "DataError", "UnsupportedArchitecture", *_LAZY,
 ]
