@@ -47,6 +47,7 @@ __all__ = [
     "kv_bytes",
     "estimate",
     "vision_tower_flops",
+    "vision_tower_flops_for_tokens",
     "default_vision_tokens",
     "typical_image",
     "format_estimate",
@@ -678,6 +679,50 @@ def vision_tower_flops(config: Any, n_images: int = 1) -> int:
         mlp = _need(vision, "intermediate_size", mt)
         per_crop = _vit_flops(p, layers, hidden, mlp)
     return per_crop * int(info["tiles"]) * n_images
+
+
+def vision_tower_flops_for_tokens(config: Any, image_tokens: Sequence[int]) -> int:
+    """Rough vision-tower FLOPs of real images, from the vision tokens each image put into the LLM input.
+
+    ``image_tokens``: one entry per image (e.g. per contiguous run of vision placeholders in a sample).
+    Same counting conventions as ``vision_tower_flops``; only the image size comes from the data:
+
+    - ``qwen2_vl`` / ``qwen2_5_vl`` (dynamic resolution): an image of ``n`` tokens was ``n * merge^2``
+      patches, and the tower is counted for exactly that many patches (attention over the image's own
+      patches; Qwen2.5-VL windows as in ``vision_tower_flops``).
+    - fixed-crop families (``llava``, ``llava_next``, ``llava_onevision``, ``idefics3``, ``smolvlm``): the tower
+      encodes whole crops of one size, so its cost scales with the number of crops, taken proportional to
+      the image's tokens: ``vision_tower_flops(config, 1) * n / default_vision_tokens(config)``, rounded
+      (exact for LLaVA-1.5, where every image has the typical count).
+    """
+    counts = list(image_tokens)
+    for n in counts:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise RecipeError(f"image_tokens must be non-negative integers, got {n!r}")
+    mt = _model_type(config)
+    if mt not in _QWEN_TYPES:
+        per_token = vision_tower_flops(config, 1) / default_vision_tokens(config)
+        return round(sum(n * per_token for n in counts))
+    vision = _vision_section(config)
+    merge = int(vision.get("spatial_merge_size", 2))
+    total = 0
+    for n in counts:
+        p = n * merge * merge
+        if p == 0:
+            continue
+        if mt == "qwen2_vl":
+            hidden = int(vision.get("embed_dim", 1280))
+            layers = int(vision.get("depth", 32))
+            total += _vit_flops(p, layers, hidden, int(hidden * float(vision.get("mlp_ratio", 4))))
+        else:
+            hidden = int(vision.get("hidden_size", 1280))
+            layers = int(vision.get("depth", 32))
+            window = int(vision.get("window_size", 112)) // int(vision.get("patch_size", 14))
+            full = set(vision.get("fullatt_block_indexes", [7, 15, 23, 31]) or [])
+            ctx = [p if i in full else min(p, window * window) for i in range(layers)]
+            total += _vit_flops(p, layers, hidden, int(vision.get("intermediate_size", 3420)), gated=True,
+                                attn_ctx=ctx)
+    return total
 
 
 # --------------------------------------------------------------------------------------------------

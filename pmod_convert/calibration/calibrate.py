@@ -1,0 +1,422 @@
+"""``pmod-convert calibrate``: fit the PRD schedule to a budget, pick layers from data, warm-start routers.
+
+Order of work (nothing is written until the end, and then atomically):
+
+1. read and encode the calibration samples; count each sample's vision and text tokens;
+2. when the schedule does not depend on measurements (``shape="cosine"``), solve the budget right away so
+   an impossible budget fails before any model is loaded;
+3. run the dense model (eager attention) on the fit split with hooks: ARank, vision cosine,
+   text-to-vision attention per layer, and the router warm-start statistics;
+4. run the dense model on the held-out split and keep its next-token distributions;
+5. solve the budget for the chosen layer selection and shape; fit the MoD layers' routers;
+6. convert the model, compare zero routers and warm-started routers with the dense model on the held-out
+   split, and write the checkpoint, ``calibration_report.json`` and the plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..adapters import get_adapter
+from ..api import add_routers, load_dense, save_pretrained
+from ..checkpoint import atomic_folder, read_config
+from ..data import DataError, SampleEncoder, model_inputs, read_samples
+from ..efficiency import TextShape, vision_tower_flops_for_tokens
+from ..errors import CheckpointError, RecipeError
+from ..mod import schedule as prd
+from ..recipe import Recipe, RouterSettings, ScheduleSettings
+from ..sidecar import SIDECAR_DIR
+from .budget import FAMILIES, BudgetSolution, Workload, measured_curve, solve_budget
+from .observers import LayerMetrics, LayerObserver, vision_and_queries
+from .report import REPORT_FORMAT, clean, write_report
+from .warm_start import (
+    AgreementMeter,
+    RouterFit,
+    RouterFitter,
+    select_routers,
+    set_routers,
+)
+
+log = logging.getLogger("pmod_convert")
+
+LAYER_SELECTIONS = ("prd", "arank")
+SHAPES = ("cosine", "measured")
+PROFILES = ("arank", "vision_change", "text_to_vision")
+VALIDATION_SHARE = 0.25  # of the fit split, used to choose between fitted and zero routers
+
+
+@dataclass
+class CalibrationResult:
+    path: Path  # the checkpoint written (``out``, or the updated CHECKPOINT)
+    schedule: ScheduleSettings
+    ratios: list[float | None]
+    report: dict
+
+
+def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path | None = None, *,
+              out: str | Path | None = None, target_flops: float | None = None, target_kv: float | None = None,
+              schedule: str = "shiftedcos", layer_selection: str = "prd", shape: str = "cosine",
+              warm_start: bool = True, samples: int = 64, holdout: float = 0.25, seed: int = 0,
+              include_vision_tower: bool = False, skip_bad_rows: bool = False, overwrite: bool = False,
+              max_ratio: float | None = None, min_ratio: float | None = None, profile: str = "arank",
+              tolerance: float = 0.01, rank_rows: int = 64, rank_rtol: float = 1e-3, logit_std: float = 0.1,
+              router_targets: tuple[str, ...] = ("text_attention", "key_attention"), dtype: str | None = None, device: str | None = None,
+              progress: bool = True) -> CalibrationResult:
+    """Calibrate CHECKPOINT (dense, or a pmod checkpoint from add-routers) on a LLaVA-style dataset.
+
+    Writes an MoD checkpoint to ``out`` (or updates ``checkpoint`` in place when ``out`` is None) whose
+    schedule meets ``target_flops`` (decoder FLOPs ratio MoD / dense; with ``include_vision_tower`` the
+    tower is added to both) or ``target_kv`` (KV-cache ratio) within ``tolerance`` on the calibration
+    data's token counts, plus ``calibration_report.json`` and PNG plots.
+
+    ``layer_selection``: ``"prd"`` (the schedule's own depth rule) or ``"arank"`` (the lowest-ARank layers
+    become MoD layers and get the lowest ratios). ``shape``: ``"cosine"`` (the family's curve) or
+    ``"measured"`` (a monotone curve fitted to the ``profile`` signal). ``warm_start``: fit the routers
+    (one least-squares fit per signal in ``router_targets``; a validation part of the fit split keeps,
+    per layer, the fit or the zero router, whichever agrees better with the dense model); else zero
+    routers. Same inputs and ``seed``: the same report.
+    """
+    _check_options(schedule, layer_selection, shape, profile, samples, holdout, seed)
+    if (target_flops is None) == (target_kv is None):
+        raise RecipeError("give exactly one budget: --target-flops R (decoder FLOPs MoD / dense) or --target-kv R "
+                          "(KV-cache MoD / dense)")
+    checkpoint = Path(checkpoint)
+    config = read_config(checkpoint)
+    adapter = get_adapter(config)
+    if (checkpoint / SIDECAR_DIR).exists():
+        raise CheckpointError(f"{checkpoint} holds a finetune sidecar ({SIDECAR_DIR}/); calibrate before finetuning, "
+                              "or export/merge the finetuned model first")
+    dest = Path(out) if out is not None else checkpoint
+    in_place = dest.resolve() == checkpoint.resolve()
+    if not in_place and dest.exists() and not overwrite:
+        raise CheckpointError(f"{dest} already exists; choose another --out or pass --overwrite")
+    router = _router_settings(config)
+    max_ratio = prd.DEFAULT_MAX_RATIO if max_ratio is None else float(max_ratio)
+    min_ratio = prd.DEFAULT_MIN_RATIO if min_ratio is None else float(min_ratio)
+    text_shape = TextShape.from_config(config)
+    num_layers = text_shape.num_layers
+    torch.manual_seed(seed)
+
+    # 1. data
+    dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows)
+    encoder = SampleEncoder.from_pretrained(checkpoint)
+    items, ids, skipped = _encode(dataset, encoder, samples, seed, skip_bad_rows, progress)
+    vision_ids = adapter.vision_token_ids(encoder.config)
+    n_hold = 0 if holdout == 0 else max(1, round(holdout * len(items)))
+    if len(items) - n_hold < 1:
+        raise DataError(f"{len(items)} usable calibration sample(s) cannot be split into fit and held-out parts "
+                        f"(--holdout {holdout}); add samples or pass --holdout 0")
+    held, fit = list(range(n_hold)), list(range(n_hold, len(items)))
+    # Routers are fitted on ``train``; ``val`` decides per layer between the fit and the zero router.
+    n_val = round(VALIDATION_SHARE * len(fit)) if warm_start and len(fit) >= 4 else 0
+    val, train = fit[:n_val], set(fit[n_val:])
+    workload = _workload(items, vision_ids, text_shape, config if include_vision_tower else None)
+    budget_args = dict(target_flops=target_flops, target_kv=target_kv, kind=schedule, max_ratio=max_ratio,
+                       min_ratio=min_ratio, tolerance=tolerance)
+
+    # 2. a budget that needs no measurement fails here, before the model is loaded
+    early: BudgetSolution | None = None
+    if shape == "cosine":
+        early = solve_budget(workload, **budget_args)
+    fit_layers = None
+    if early is not None and layer_selection == "prd":
+        fit_layers = {i for i, r in enumerate(early.ratios) if r is not None}
+
+    # 3. measurements on the fit split
+    model = load_dense(checkpoint, dtype=dtype, attn_implementation="eager")
+    if device is not None:
+        model.to(device)
+    run_device = next(model.parameters()).device
+    hidden = adapter.text_config(model.config).hidden_size
+    fitter = RouterFitter(hidden, targets=router_targets, logit_std=logit_std) if warm_start else None
+    observer = LayerObserver(model, rank_rows=rank_rows, rank_rtol=rank_rtol, sink=fitter, sink_layers=fit_layers)
+    with observer:
+        for i in tqdm(fit, desc="measuring layers", disable=not progress, leave=False):
+            if fitter is not None:
+                fitter.enabled = i in train
+            observer.observe(_to(model_inputs(items[i]), run_device))
+    metrics = observer.metrics()
+
+    # 4. the dense reference on the validation and held-out splits
+    _use_attention(model, "sdpa")
+    val_refs = _references(model, items, val, vision_ids, run_device, progress, "dense reference (validation)")
+    references = _references(model, items, held, vision_ids, run_device, progress, "dense reference (held-out)")
+
+    # 5. schedule and routers
+    profile_values = _profile(metrics, profile) if (shape == "measured" or layer_selection == "arank") else None
+    order = None
+    if layer_selection == "arank":
+        arank = [m.arank_fraction for m in metrics]
+        order = sorted(range(num_layers), key=lambda i: (-arank[i], i))  # least redundant first
+    curve = None
+    if shape == "measured":
+        curve = measured_curve(profile_values, order if order is not None else list(range(num_layers)))
+    solution = solve_budget(workload, curve=curve, order=order, **budget_args)
+    mod_layers = [i for i, r in enumerate(solution.ratios) if r is not None]
+    candidates = {t: {i: fitter.solve(i, t) for i in mod_layers} for t in router_targets} if fitter else {}
+
+    # 6. convert, choose routers on validation, compare on held-out, write
+    recipe = Recipe(router=router, schedule=solution.settings, dtype=dtype or "auto").validate()
+    add_routers(model, recipe)
+    layers = adapter.decoder_layers(model)
+    fits, choices = _choose_routers(model, layers, items, mod_layers, candidates, val_refs, run_device, progress)
+    agreement = {}
+    if references:
+        set_routers(layers, None)
+        agreement["zero_routers"] = _agreement(model, items, references, run_device, progress, "zero routers")
+        if warm_start:
+            set_routers(layers, fits)
+            agreement["warm_start"] = _agreement(model, items, references, run_device, progress, "warm start")
+    set_routers(layers, fits if warm_start else None)
+
+    report = clean(_report(
+        checkpoint=checkpoint, data=data, ids=ids, fit=fit, held=held, skipped=dataset.skipped + skipped,
+        workload=workload, solution=solution, metrics=metrics, profile_values=profile_values, order=order,
+        fits=fits, choices=choices, val=val, agreement=agreement, seed=seed, tolerance=tolerance, router=router,
+        options=dict(schedule=schedule, layer_selection=layer_selection, shape=shape, profile=profile,
+                     warm_start=warm_start, include_vision_tower=include_vision_tower, max_ratio=max_ratio,
+                     min_ratio=min_ratio, samples=samples, holdout=holdout, rank_rows=rank_rows,
+                     rank_rtol=rank_rtol, logit_std=logit_std, router_targets=list(router_targets))))
+    with atomic_folder(dest, overwrite=True if in_place else overwrite) as tmp:
+        save_pretrained(model, tmp, source=checkpoint, recipe=recipe, overwrite=True)
+        write_report(tmp, report)
+    return CalibrationResult(path=dest, schedule=solution.settings, ratios=solution.ratios, report=report)
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+def _encode(dataset, encoder, samples: int, seed: int, skip_bad_rows: bool, progress: bool):
+    """A seeded random subset of ``samples`` rows, encoded; returns (items, sample ids, rows skipped)."""
+    chosen = list(range(len(dataset.samples)))
+    random.Random(seed).shuffle(chosen)
+    items, ids, skipped = [], [], 0
+    for index in tqdm(chosen[:samples], desc="encoding samples", disable=not progress, leave=False):
+        sample = dataset.samples[index]
+        try:
+            items.append(encoder.encode(sample))
+            ids.append(sample.id)
+        except DataError as exc:
+            if not skip_bad_rows:
+                raise DataError(f"{dataset.source} row {sample.row} (id {sample.id!r}): {exc}; fix the row or pass "
+                                "--skip-bad-rows") from None
+            skipped += 1
+    if not items:
+        raise DataError(f"none of the chosen rows of {dataset.source} could be encoded ({skipped} skipped)")
+    return items, ids, skipped
+
+
+def _workload(items: list[dict], vision_ids: list[int], shape: TextShape, tower_config: dict | None) -> Workload:
+    """Per-sample vision / text token counts (and vision-tower FLOPs when ``tower_config`` is given)."""
+    n_vision, n_text, runs = [], [], []
+    for item in items:
+        vision, _ = vision_and_queries(item["input_ids"][0], vision_ids, item.get("attention_mask"))
+        n_vision.append(int(vision.sum()))
+        n_text.append(int(item["attention_mask"].sum()) - n_vision[-1])
+        runs.append(_runs(vision))
+    if sum(n_vision) == 0:
+        raise DataError(f"none of the {len(items)} calibration samples has an image; MoD routes vision tokens, "
+                        "so calibration needs samples with images")
+    vision_flops: list[float] | float = 0.0
+    if tower_config is not None:
+        vision_flops = [float(vision_tower_flops_for_tokens(tower_config, r)) for r in runs]
+    return Workload(shape, n_vision, n_text, vision_flops)
+
+
+def _choose_routers(model, layers, items, mod_layers, candidates, val_refs, device, progress):
+    """Per MoD layer a fitted router or the zero router, chosen on the validation references (see
+    ``select_routers``); without validation samples, the first target's fits."""
+    if not candidates:
+        return {}, []
+    if not val_refs:
+        return next(iter(candidates.values())), []
+    bar = tqdm(total=1 + len(mod_layers) * len(candidates), desc="choosing routers (validation)",
+               disable=not progress, leave=False)
+
+    def validation_kl(trial: dict[int, RouterFit]) -> float:
+        set_routers(layers, trial)
+        bar.update(1)
+        return _agreement(model, items, val_refs, device, False, "")["kl"]
+
+    try:
+        return select_routers(mod_layers, candidates, validation_kl)
+    finally:
+        bar.close()
+
+
+def _check_options(schedule: str, layer_selection: str, shape: str, profile: str, samples: int, holdout: float,
+                   seed: int) -> None:
+    if schedule not in FAMILIES:
+        raise RecipeError(f"--schedule must be one of {', '.join(FAMILIES)} for calibration, got {schedule!r}")
+    if layer_selection not in LAYER_SELECTIONS:
+        raise RecipeError(f"--layer-selection must be one of {', '.join(LAYER_SELECTIONS)}, got {layer_selection!r}")
+    if shape not in SHAPES:
+        raise RecipeError(f"--shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    if profile not in PROFILES:
+        raise RecipeError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    if schedule == "constant" and (layer_selection != "prd" or shape != "cosine"):
+        raise RecipeError("a constant schedule keeps the same ratio in every layer, so --layer-selection arank and "
+                          "--shape measured do not apply; use --schedule shiftedcos or shiftedlinear with them")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise RecipeError(f"--samples must be a positive integer, got {samples!r}")
+    if not 0 <= holdout < 1:
+        raise RecipeError(f"--holdout must be a fraction in [0, 1), got {holdout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise RecipeError(f"--seed must be an integer, got {seed!r}")
+
+
+def _router_settings(config: dict) -> RouterSettings:
+    pmod = config.get("pmod")
+    if isinstance(pmod, dict) and isinstance(pmod.get("router"), dict):
+        try:
+            return Recipe.from_dict({"router": pmod["router"]}, where="config.json pmod").router
+        except RecipeError as exc:
+            raise CheckpointError(f"the pmod section of the checkpoint's config.json is invalid: {exc}") from None
+    return RouterSettings()
+
+
+def _runs(mask: torch.Tensor) -> list[int]:
+    """Lengths of the contiguous runs of True (one per image for families that separate images)."""
+    runs, count = [], 0
+    for value in mask.tolist():
+        if value:
+            count += 1
+        elif count:
+            runs.append(count)
+            count = 0
+    if count:
+        runs.append(count)
+    return runs
+
+
+def _to(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _use_attention(model: torch.nn.Module, implementation: str) -> None:
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError, AttributeError) as exc:  # keep eager: slower, same results
+        log.info("keeping eager attention for evaluation (%s)", exc)
+
+
+def _eval_positions(item: dict[str, torch.Tensor], vision_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text positions after the first vision token, and among them those that predict an answer token."""
+    _, positions = vision_and_queries(item["input_ids"][0], vision_ids, item.get("attention_mask"))
+    labels = item.get("labels")
+    answer = torch.zeros_like(positions)
+    if labels is not None:
+        answer[:-1] = labels[0, 1:] != -100
+    return positions, answer[positions]
+
+
+def _references(model, items, indices, vision_ids, device, progress: bool, label: str) -> list:
+    """Dense next-token log-probs at the evaluated positions of each sample (samples without any skipped)."""
+    references = []
+    with torch.no_grad():
+        for i in tqdm(indices, desc=label, disable=not progress, leave=False):
+            positions, answer = _eval_positions(items[i], vision_ids)
+            if not bool(positions.any()):
+                continue
+            logits = model(**_to(model_inputs(items[i]), device), use_cache=False).logits[0]
+            references.append((i, positions, answer, torch.log_softmax(logits[positions].float(), -1).cpu()))
+    return references
+
+
+def _agreement(model, items, references, device, progress: bool, label: str) -> dict:
+    meter = AgreementMeter()
+    with torch.no_grad():
+        for i, positions, answer, reference in tqdm(references, desc=f"held-out: {label}", disable=not progress,
+                                                    leave=False):
+            logits = model(**_to(model_inputs(items[i]), device), use_cache=False).logits[0]
+            meter.add(reference, logits[positions].float().cpu(), answer)
+    return meter.result().to_dict()
+
+
+def _profile(metrics: list[LayerMetrics], profile: str) -> list[float]:
+    """Per-layer importance (high = keep more vision tokens) from the chosen signal."""
+    if profile == "arank":
+        return [m.arank_fraction for m in metrics]
+    values = []
+    for m in metrics:
+        value = (1.0 - m.vision_cosine) if profile == "vision_change" and m.vision_cosine is not None else (
+            m.text_to_vision if profile == "text_to_vision" else None)
+        if value is None:
+            raise DataError(f"the {profile} profile needs samples with vision tokens and text after them")
+        values.append(float(value))
+    return values
+
+
+def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, solution: BudgetSolution, metrics,
+            profile_values, order, fits, choices, val, agreement, seed, tolerance, router, options) -> dict:
+    est = solution.estimate
+    position = {layer: pos for pos, layer in enumerate(order)} if order is not None else None
+    choice = {c["layer"]: c for c in choices}
+    layers = []
+    for m, row in zip(metrics, est.layers):
+        router_fit = fits.get(m.layer)
+        layers.append({
+            "layer": m.layer,
+            "ratio": solution.ratios[m.layer],
+            "arank": m.arank,
+            "arank_fraction": m.arank_fraction,
+            "vision_cosine": m.vision_cosine,
+            "text_to_vision": m.text_to_vision,
+            "profile": None if profile_values is None else profile_values[m.layer],
+            "redundancy_rank": None if position is None else position[m.layer],
+            "kept_vision_tokens": row.prefill_tokens - sum(workload.n_text),
+            "vision_tokens": sum(workload.n_vision),
+            "dense_flops": row.dense_flops, "mod_flops": row.mod_flops,
+            "dense_kv_bytes": row.dense_kv_bytes, "mod_kv_bytes": row.mod_kv_bytes,
+            "router": None if solution.ratios[m.layer] is None or not options["warm_start"] else {
+                "choice": choice[m.layer]["choice"] if m.layer in choice else (
+                    router_fit.target if router_fit is not None else "zero"),
+                "validation_kl": choice[m.layer]["candidates"] if m.layer in choice else None,
+                "fit_tokens": None if router_fit is None else router_fit.tokens,
+                "target_correlation": None if router_fit is None else router_fit.correlation,
+                "logit_std": None if router_fit is None else router_fit.logit_std,
+                "weight_norm": 0.0 if router_fit is None else float(router_fit.weight.norm()),
+                "bias": 0.0 if router_fit is None else router_fit.bias},
+        })
+    n = len(workload.n_vision)
+    warm = agreement.get("warm_start")
+    zero = agreement.get("zero_routers")
+    return {
+        "format": REPORT_FORMAT,
+        "pmod_convert_version": __version__,
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "seed": seed,
+        "options": options,
+        "samples": {"total": n, "fit": len(fit), "validation": len(val), "held_out": len(held),
+                    "skipped_rows": skipped,
+                    "fit_ids": [ids[i] for i in fit], "held_out_ids": [ids[i] for i in held]},
+        "tokens": {"vision_per_sample": sum(workload.n_vision) / n, "text_per_sample": sum(workload.n_text) / n,
+                   "n_vision": workload.n_vision, "n_text": workload.n_text},
+        "budget": {"metric": solution.metric, "target": solution.target, "achieved": solution.achieved,
+                   "tolerance": tolerance, "reachable": list(solution.reachable), "parameter": solution.parameter,
+                   "value": solution.value, "gap_filled_layers": solution.gap_filled_layers,
+                   "sweep": solution.sweep},
+        "estimate": {"flops_ratio": est.flops_ratio, "decoder_flops_ratio": est.decoder_flops_ratio,
+                     "kv_ratio": est.kv_ratio, "dense_prefill_flops": est.dense_prefill_flops,
+                     "mod_prefill_flops": est.mod_prefill_flops, "vision_flops": est.vision_flops,
+                     "dense_kv_bytes": est.dense_kv_bytes, "mod_kv_bytes": est.mod_kv_bytes,
+                     "num_mod_layers": est.num_mod_layers, "counted": est.counted},
+        "schedule": asdict(solution.settings),
+        "layer_ratios": solution.ratios,
+        "router": asdict(router),
+        "layers": layers,
+        "warm_start": {
+            "enabled": bool(options["warm_start"]),
+            "evaluated_on": "held-out samples: text positions after the first vision token (answer_*: positions "
+                            "predicting an answer token); top1 = argmax agrees with the dense model, kl = "
+                            "KL(dense || MoD) in nats, at the same schedule",
+            "zero_routers": zero,
+            "warm_start": warm,
+        },
+    }

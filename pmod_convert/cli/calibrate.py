@@ -1,0 +1,73 @@
+"""``calibrate``: fit the schedule to a FLOPs / KV budget on calibration data and warm-start the routers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import MaxOpt, MinOpt, app, console, one_line_errors
+
+
+@app.command("calibrate")
+@one_line_errors
+def calibrate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Dense checkpoint folder, or a pmod checkpoint from add-routers.")],
+    data: Annotated[Path, typer.Option("--data", help="LLaVA-style calibration data (.json or .jsonl).")],
+    image_folder: Annotated[Optional[Path], typer.Option(
+        "--image-folder", help="Folder the rows' image paths are relative to (default: the data file's folder).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write the calibrated checkpoint here (default: update CHECKPOINT in place, atomically).")] = None,
+    target_flops: Annotated[Optional[float], typer.Option(
+        "--target-flops", help="Budget: decoder FLOPs of the MoD model / dense model, e.g. 0.6.")] = None,
+    target_kv: Annotated[Optional[float], typer.Option(
+        "--target-kv", help="Budget: KV-cache size of the MoD model / dense model, e.g. 0.55.")] = None,
+    schedule: Annotated[str, typer.Option("--schedule", help="shiftedcos | shiftedlinear | constant.")] = "shiftedcos",
+    layer_selection: Annotated[str, typer.Option(
+        "--layer-selection", help="prd: the schedule's depth rule; arank: the lowest-ARank layers become MoD.")] = "prd",
+    shape: Annotated[str, typer.Option(
+        "--shape", help="cosine: the family's curve; measured: a monotone curve fitted to --profile.")] = "cosine",
+    profile: Annotated[str, typer.Option(
+        "--profile", help="Signal for --shape measured: arank | vision_change | text_to_vision.")] = "arank",
+    warm_start: Annotated[bool, typer.Option(
+        "--warm-start/--no-warm-start", help="Fit the routers on the data (else zero-initialised routers).")] = True,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration samples drawn from the data.")] = 64,
+    holdout: Annotated[float, typer.Option(
+        "--holdout", help="Share of the samples held out to compare warm-started and zero routers.")] = 0.25,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and splitting (same seed, same report).")] = 0,
+    include_vision_tower: Annotated[bool, typer.Option(
+        "--include-vision-tower", help="Count the vision tower (identical in both models) in the FLOPs budget.")] = False,
+    skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="Skip unreadable rows instead of failing.")] = False,
+    max_ratio: MaxOpt = None,
+    min_ratio: MinOpt = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Run the model here, e.g. cuda:0 (default: cpu).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | float16 | bfloat16")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Fit the PRD schedule to a FLOPs or KV-cache budget on calibration data, choose MoD layers from measured
+    redundancy, warm-start the routers; write the checkpoint, calibration_report.json and plots."""
+    from ..calibration import calibrate
+
+    result = calibrate(
+        checkpoint, data, image_folder, out=out, target_flops=target_flops, target_kv=target_kv, schedule=schedule,
+        layer_selection=layer_selection, shape=shape, profile=profile, warm_start=warm_start, samples=samples,
+        holdout=holdout, seed=seed, include_vision_tower=include_vision_tower, skip_bad_rows=skip_bad_rows,
+        max_ratio=max_ratio, min_ratio=min_ratio, device=device, dtype=dtype, overwrite=overwrite)
+    report = result.report
+    budget, est = report["budget"], report["estimate"]
+    mod = [(i, r) for i, r in enumerate(result.ratios) if r is not None]
+    console.print(f"wrote {result.path}: {len(mod)} of {len(result.ratios)} decoder layers are MoD layers "
+                  f"({', '.join(f'{i}:{r:.2f}' for i, r in mod)})", highlight=False, soft_wrap=True)
+    console.print(f"estimated FLOPs ratio {est['flops_ratio']:.3f}, KV-cache ratio {est['kv_ratio']:.3f} "
+                  f"(budget {budget['metric']} {budget['target']:g}, reachable {budget['reachable'][0]:.3f}-"
+                  f"{budget['reachable'][1]:.3f})", highlight=False, soft_wrap=True)
+    warm = report["warm_start"]
+    if warm["zero_routers"] is not None:
+        line = f"held-out agreement with the dense model: zero routers top-1 {warm['zero_routers']['top1']:.3f}, " \
+               f"KL {warm['zero_routers']['kl']:.4f}"
+        if warm["warm_start"] is not None:
+            line += f"; warm start top-1 {warm['warm_start']['top1']:.3f}, KL {warm['warm_start']['kl']:.4f}"
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"report: {result.path / 'calibration_report.json'} (+ calibration_layers.png, "
+                  "calibration_budget.png)", highlight=False, soft_wrap=True)
