@@ -81,7 +81,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
-        return _build(cls, data, where).validate()
+        return build_settings(cls, data, where).validate()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -91,19 +91,25 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_yaml_mapping(path, "recipe"), where=str(path))
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping, with one-line errors naming ``what`` it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{what} file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{what} {path} must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def build_settings(cls: type, data: Any, where: str) -> Any:
+    """``cls(**data)`` for a settings dataclass: unknown keys rejected, values type-checked, nested sections built."""
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -114,7 +120,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     for name, value in data.items():
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+            kwargs[name] = build_settings(type(default), value, f"{where}.{name}")
         else:
             kwargs[name] = _coerce(value, fields[name].type, f"{where}.{name}")
     return cls(**kwargs)

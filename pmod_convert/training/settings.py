@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from ..errors import RecipeError
-from ..recipe import _coerce
+from ..recipe import build_settings, read_yaml_mapping
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -119,25 +119,11 @@ class FinetuneSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "finetune settings") -> FinetuneSettings:
-        if not isinstance(data, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
-        kwargs = {name: _coerce(value, fields[name].type, f"{where}.{name}") for name, value in data.items()}
-        return cls(**kwargs).validate()
+        return build_settings(cls, data, where).validate()
 
     @classmethod
     def load(cls, path: str | Path) -> FinetuneSettings:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"finetune settings file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_yaml_mapping(path, "finetune settings"), where=str(path))
 
     def differences(self, other: FinetuneSettings) -> list[str]:
         """Settings that differ from ``other`` and would make a resumed run differ from an uninterrupted one."""
