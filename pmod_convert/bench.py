@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, get_adapter
+from .devices import resolve_device
 from .errors import PmodError
 
 __all__ = [
@@ -506,15 +507,7 @@ def check_workload(*, batch_size: int, vision_tokens: int | None, text_tokens: i
 def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
     if device is None:
         return next(model.parameters()).device
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise BenchError(f"unknown device {device!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("CUDA is not available in this torch build or machine; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise BenchError(f"device {device.type!r} is not supported by the benchmark; use cpu or cuda")
-    return device
+    return resolve_device(device)
 
 
 def _device_name(device: torch.device) -> str:

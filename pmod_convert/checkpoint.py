@@ -20,6 +20,9 @@ from .mod.router import ROUTER_NAME
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WRITTEN_BY_SAVE = ("config.json", "generation_config.json", "model.safetensors.index.json",
                    "pytorch_model.bin.index.json", "recipe.yaml")
+# Files that describe one particular output (its manifest, reports, plots): never carried into a new one.
+DERIVED = ("pmod_manifest.json", "export_report.json", "export_report.png", "export_settings.yaml",
+           "calibration_report.json", "calibration_layers.png", "calibration_budget.png")
 
 
 def read_config(path: str | Path) -> dict:
@@ -45,7 +48,7 @@ def copy_processor_files(source: str | Path, dest: str | Path) -> list[str]:
     """Copy tokenizer / processor / chat-template files (every top-level non-weight file we do not write)."""
     copied = []
     for item in sorted(Path(source).iterdir()):
-        if not item.is_file() or item.name in WRITTEN_BY_SAVE or item.name.endswith(WEIGHT_SUFFIXES):
+        if not item.is_file() or item.name in WRITTEN_BY_SAVE + DERIVED or item.name.endswith(WEIGHT_SUFFIXES):
             continue
         if (Path(dest) / item.name).exists():
             continue

@@ -57,6 +57,8 @@ def test_reads_rows_json_and_jsonl(folder):
     ({"id": "x", "image": "red.png", "conversations": [{"from": "human", "value": "<image> <image> w40"},
                                                          {"from": "gpt", "value": "w41"}]}, "2 <image> markers but 1 images"),
     ({"id": "x", "conversations": [{"from": "robot", "value": "w40"}]}, "unknown speaker 'robot'"),
+    ({"id": "x", "image": "red.png", "conversations": [{"from": "system", "value": "w40"}, {"from": "gpt", "value": "w41"}]},
+     "has images but no human turn"),
 ])
 def test_bad_rows_are_named_or_skipped(folder, row, message):
     path = write(folder, "bad.json", [ROWS[1], row, ROWS[2]])
@@ -74,6 +76,11 @@ def test_bad_files(folder):
         read_samples(folder / "garbage.json", folder / "img")
     with pytest.raises(DataError, match="image folder"):
         read_samples(folder / "train.json", folder / "nowhere")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_samples(folder / "img" / "red.png", folder / "img")
+    with pytest.raises(DataError, match="limit must be >= 1"):
+        read_samples(folder / "train.json", folder / "img", limit=0)
+    assert len(read_samples(folder / "train.json", folder / "img", limit=2)) == 2
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])

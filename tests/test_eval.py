@@ -25,6 +25,8 @@ def test_scoring_rules():
     assert is_correct("B. blue", "B") == (True, "choice")
     assert is_correct("The answer is C", "B") == (False, "choice")
     assert is_correct("blue", "B") == (False, "choice")
+    assert is_correct("a", "a") == (True, "exact")  # a lower-case word is not option A
+    assert is_correct("A dog", "A") == (False, "choice")
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,11 @@ def test_eval_bad_input(setup, tmp_path):
     code = runner.invoke(app, ["eval", str(setup / "dense"), "--data", str(tmp_path / "bad.json"),
                                "--image-folder", str(setup / "img"), "--out", str(tmp_path / "o")])
     assert code.exit_code != 0 and "row 1 (id 'x')" in code.output and not (tmp_path / "o").exists()
+
+
+def test_predictions_do_not_depend_on_batch_size(setup, tmp_path):
+    half = convert(setup / "dense", tmp_path / "half", Recipe(schedule=ScheduleSettings(kind="constant", ratio=0.5)))
+    one = evaluate(half, setup / "q.json", setup / "img", batch_size=1, max_new_tokens=3, progress=False)
+    four = evaluate(half, setup / "q.json", setup / "img", batch_size=4, max_new_tokens=3, progress=False)
+    assert [p["prediction"] for p in one.predictions] == [p["prediction"] for p in four.predictions]
+    assert one.generated_tokens == four.generated_tokens

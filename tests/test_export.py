@@ -334,3 +334,18 @@ def test_cli_export_then_generate_verbose(source, tmp_path):
 def test_settings_dataclass_defaults():
     assert ExportSettings("nf4").validate().to_dict()["compute_dtype"] == "float32"
     assert ExportSettings("int8").validate().to_dict()["compute_dtype"] is None
+
+
+def test_an_export_can_be_exported_again_and_recalibrated(exports, tmp_path):
+    """Files that describe one export (manifest, reports) are not carried into the next output."""
+    from pmod_convert.api import convert
+    from pmod_convert.checkpoint import DERIVED
+
+    first, _ = exports["none"]
+    export(first, tmp_path / "again", quantize="int8", progress=False)
+    load_pretrained(tmp_path / "again")  # its own manifest checks out
+    # add-routers on the exported folder copies its processor files but none of its derived files
+    out = convert(first, tmp_path / "reconverted", Recipe(schedule=ScheduleSettings(kind="constant", ratio=0.5)))
+    assert not {p.name for p in out.iterdir()} & set(DERIVED)
+    assert (out / "tokenizer.json").is_file()
+    load_pretrained(out)

@@ -28,6 +28,7 @@ from ..adapters import get_adapter
 from ..api import add_routers, load_dense, save_pretrained
 from ..checkpoint import atomic_folder, read_config
 from ..data import DataError, SampleEncoder, model_inputs, read_samples
+from ..devices import resolve_device, to_device
 from ..efficiency import TextShape, vision_tower_flops_for_tokens
 from ..errors import CheckpointError, RecipeError
 from ..mod import schedule as prd
@@ -84,6 +85,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     routers. Same inputs and ``seed``: the same report.
     """
     _check_options(schedule, layer_selection, shape, profile, samples, holdout, seed)
+    device = resolve_device(device) if device is not None else None
     if (target_flops is None) == (target_kv is None):
         raise RecipeError("give exactly one budget: --target-flops R (decoder FLOPs MoD / dense) or --target-kv R "
                           "(KV-cache MoD / dense)")
@@ -141,7 +143,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
         for i in tqdm(fit, desc="measuring layers", disable=not progress, leave=False):
             if fitter is not None:
                 fitter.enabled = i in train
-            observer.observe(_to(model_inputs(items[i]), run_device))
+            observer.observe(to_device(model_inputs(items[i]), run_device))
     metrics = observer.metrics()
 
     # 4. the dense reference on the validation and held-out splits
@@ -294,10 +296,6 @@ def _runs(mask: torch.Tensor) -> list[int]:
     return runs
 
 
-def _to(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
 def _use_attention(model: torch.nn.Module, implementation: str) -> None:
     try:
         model.set_attn_implementation(implementation)
@@ -323,7 +321,7 @@ def _references(model, items, indices, vision_ids, device, progress: bool, label
             positions, answer = _eval_positions(items[i], vision_ids)
             if not bool(positions.any()):
                 continue
-            logits = model(**_to(model_inputs(items[i]), device), use_cache=False).logits[0]
+            logits = model(**to_device(model_inputs(items[i]), device), use_cache=False).logits[0]
             references.append((i, positions, answer, torch.log_softmax(logits[positions].float(), -1).cpu()))
     return references
 
@@ -333,7 +331,7 @@ def _agreement(model, items, references, device, progress: bool, label: str) -> 
     with torch.no_grad():
         for i, positions, answer, reference in tqdm(references, desc=f"held-out: {label}", disable=not progress,
                                                     leave=False):
-            logits = model(**_to(model_inputs(items[i]), device), use_cache=False).logits[0]
+            logits = model(**to_device(model_inputs(items[i]), device), use_cache=False).logits[0]
             meter.add(reference, logits[positions].float().cpu(), answer)
     return meter.result().to_dict()
 

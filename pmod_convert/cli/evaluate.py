@@ -23,13 +23,15 @@ def eval_cmd(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N usable rows.")] = None,
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="Skip (and count) rows with missing images or no answer instead of failing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu | cuda (default: cuda when available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | float16 | bfloat16 (default: the checkpoint's).")] = None,
 ) -> None:
     """Generate answers greedily, score them (normalised exact match, multiple-choice letters), write a summary."""
     from ..evaluation import evaluate
 
     out = out if out is not None else Path(f"eval-{checkpoint.resolve().name}")
     summary = evaluate(checkpoint, data, image_folder, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       limit=limit, skip_bad_rows=skip_bad_rows, overwrite=overwrite)
+                       limit=limit, skip_bad_rows=skip_bad_rows, overwrite=overwrite, device=device, dtype=dtype)
     table = Table(title=f"{checkpoint} on {data}")
     for col in ("samples", "accuracy", "exact match", "choice", "model", "est. decoder FLOPs", "est. KV"):
         table.add_column(col, justify="right")

@@ -45,6 +45,8 @@ def read_samples(path: str | Path, image_folder: str | Path | None = None, *, sk
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist; pass a LLaVA-style .json or .jsonl file")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1, got {limit}")
     folder = Path(image_folder) if image_folder is not None else path.parent
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist; pass --image-folder DIR")
@@ -65,7 +67,10 @@ def read_samples(path: str | Path, image_folder: str | Path | None = None, *, sk
 
 
 def _records(path: Path):
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; pass a LLaVA-style .json or .jsonl file") from None
     stripped = text.lstrip()
     if path.suffix == ".jsonl" or (stripped and stripped[0] == "{"):
         for number, line in enumerate(text.splitlines(), 1):
@@ -113,6 +118,8 @@ def _parse(record: object, row: int, folder: Path) -> Sample:
         turns.append((role, turn["value"].replace(IMAGE_MARKER, "").strip()))
     if markers not in (0, len(images)):
         raise DataError(f"{where} has {markers} <image> markers but {len(images)} images")
+    if images and not any(r == "user" for r, _ in turns):
+        raise DataError(f"{where} has images but no human turn to show them in")
     if not any(r == "assistant" for r, _ in turns):
         raise DataError(f"{where} has no gpt answer")
     if turns[0][0] == "assistant":

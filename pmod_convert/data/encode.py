@@ -130,11 +130,31 @@ class SampleEncoder:
         out["instruction_mask"] = torch.tensor([instruction])
         return out
 
+    def encode_checked(self, sample: Sample, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """``encode`` with processor failures, over-long samples and samples without answer tokens as DataError."""
+        try:
+            item = self.encode(sample)
+        except DataError:
+            raise
+        except (ValueError, RuntimeError, OSError, KeyError, IndexError) as exc:  # processor errors on odd inputs
+            raise DataError(f"cannot be encoded ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
+        n = int(item["input_ids"].shape[-1])
+        if max_length is not None and n > max_length:
+            raise DataError(f"has {n} tokens, more than max_length {max_length} (truncating would cut image tokens)")
+        if int((item["labels"][:, 1:] != IGNORE).sum()) == 0:
+            raise DataError("has no answer tokens to learn from")
+        return item
+
     def encode_for_generation(self, sample: Sample) -> tuple[dict[str, torch.Tensor], str]:
         """Inputs up to the last answer (with the generation prompt), and that answer's reference text."""
         last = max(i for i, (role, _) in enumerate(sample.turns) if role == "assistant")
         msgs = self.messages(sample.turns[:last], len(sample.images))
-        inputs = self._process(self.render(msgs, generation_prompt=True), sample.images)
+        try:
+            inputs = self._process(self.render(msgs, generation_prompt=True), sample.images)
+        except DataError:
+            raise
+        except (ValueError, RuntimeError, OSError, KeyError, IndexError) as exc:  # processor errors on odd inputs
+            raise DataError(f"cannot be encoded ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
         return inputs, sample.turns[last][1]
 
     def encode_prompt(self, images: list[Any] | None = None, prompt: str = "") -> dict[str, torch.Tensor]:

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_folder, read_config
 from ..data import SampleEncoder, collate, read_samples
+from ..devices import resolve_device, to_device
 from ..efficiency import TextShape, estimate
-from ..errors import RecipeError
+from ..errors import DataError, RecipeError
 from .scoring import is_correct
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -45,32 +46,39 @@ class EvalSummary:
         return out
 
 
-def load_any(checkpoint: str | Path, dtype: str | None = None) -> nn.Module:
-    """A pmod checkpoint with its routing (and finetune sidecar), or a dense checkpoint as it is."""
+def load_any(checkpoint: str | Path, dtype: str | None = None, device: Any = None) -> nn.Module:
+    """A pmod checkpoint with its routing (and finetune sidecar), or a dense checkpoint as it is, on ``device``."""
     from ..api import load_dense, load_pretrained
 
     pmod = read_config(checkpoint).get("pmod")
-    return load_pretrained(checkpoint, dtype=dtype) if isinstance(pmod, dict) else load_dense(checkpoint, dtype=dtype)
+    # CPU is transformers' default placement; an explicit CPU map would make quantized models refuse to load.
+    device_map = {"": str(device)} if device is not None and torch.device(device).type != "cpu" else None
+    load = load_pretrained if isinstance(pmod, dict) else load_dense
+    return load(checkpoint, dtype=dtype, device_map=device_map)
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path | None = None, *,
              model: nn.Module | None = None, out: str | Path | None = None, batch_size: int = 8,
              max_new_tokens: int = 16, limit: int | None = None, skip_bad_rows: bool = False,
-             overwrite: bool = False, progress: bool = True) -> EvalSummary:
+             overwrite: bool = False, progress: bool = True, device: str | None = None,
+             dtype: str | None = None) -> EvalSummary:
     """Answer the last question of every sample greedily and score it against the sample's last answer.
 
     ``model``: an already loaded model for ``checkpoint`` (skips loading). ``out``: a folder that receives
-    ``predictions.jsonl`` and ``summary.json`` (written atomically).
+    ``predictions.jsonl`` and ``summary.json`` (written atomically). ``device``: cpu / cuda (default: cuda
+    when available); ``dtype``: float32 / float16 / bfloat16 (default: the checkpoint's).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise RecipeError("batch_size and max_new_tokens must be >= 1")
     if out is not None and Path(out).exists() and not overwrite:
         raise RecipeError(f"{out} already exists; choose another --out or pass --overwrite")
+    run_device = resolve_device(device) if model is None else next(model.parameters()).device
     dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows, limit=limit)
     encoder = SampleEncoder.from_pretrained(checkpoint)
-    model = model if model is not None else load_any(checkpoint)
+    model = model if model is not None else load_any(checkpoint, dtype=dtype, device=run_device)
     model.eval()
     device = next(model.parameters()).device
+    skipped = dataset.skipped
     vision_ids = torch.tensor(sorted(encoder.vision_ids))
 
     records, counts = [], []
@@ -78,27 +86,41 @@ def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     start = time.perf_counter()
     bar = tqdm(total=len(dataset), desc="eval", unit="sample", disable=not progress)
     for first in range(0, len(dataset), batch_size):
-        chunk = dataset.samples[first:first + batch_size]
-        encoded = [encoder.encode_for_generation(s) for s in chunk]
+        chunk, encoded = [], []
+        for sample in dataset.samples[first:first + batch_size]:
+            try:
+                encoded.append(encoder.encode_for_generation(sample))
+                chunk.append(sample)
+            except DataError as exc:
+                if not skip_bad_rows:
+                    raise DataError(f"{dataset.source} row {sample.row} (id {sample.id!r}) {exc}; fix the row or "
+                                    "pass --skip-bad-rows") from None
+                skipped += 1
+        bar.update(len(dataset.samples[first:first + batch_size]) - len(chunk))
+        if not chunk:
+            continue
         batch = collate([e[0] for e in encoded], encoder.pad_token_id, padding_side="left")
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         with torch.no_grad():
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=encoder.pad_token_id)
         new = output[:, batch["input_ids"].shape[1]:].cpu()
         for sample, (inputs, reference), tokens in zip(chunk, encoded, new):
-            prediction = encoder.decode(_until_eos(tokens, encoder))
+            answer = _until_eos(tokens, encoder)
+            prediction = encoder.decode(answer)
             correct, kind = is_correct(prediction, reference)
             n_vision = int(torch.isin(inputs["input_ids"][0], vision_ids).sum())
             counts.append((n_vision, inputs["input_ids"].shape[1] - n_vision))
-            generated += len(tokens)
+            generated += len(answer)
             question = next(text for role, text in reversed(sample.turns[:-1]) if role == "user") \
                 if len(sample.turns) > 1 else ""
             records.append({"id": sample.id, "question": question, "reference": reference,
                             "prediction": prediction, "correct": correct, "kind": kind})
         bar.update(len(chunk))
-        bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}")
+        bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / max(len(records), 1):.3f}")
     bar.close()
+    if not records:
+        raise DataError(f"{dataset.source}: no sample could be evaluated ({skipped} bad rows skipped)")
     seconds = time.perf_counter() - start
 
     config = model.config
@@ -107,7 +129,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     ratios = list(pmod["layer_ratios"]) if isinstance(pmod, dict) else [None] * shape.num_layers
     cost = estimate(shape, ratios, [c[0] for c in counts], [c[1] for c in counts])
     summary = EvalSummary(
-        checkpoint=str(checkpoint), data=str(data), samples=len(records), skipped=dataset.skipped,
+        checkpoint=str(checkpoint), data=str(data), samples=len(records), skipped=skipped,
         accuracy=_mean([r["correct"] for r in records]),
         exact_accuracy=_mean([r["correct"] for r in records if r["kind"] == "exact"]),
         choice_accuracy=_mean([r["correct"] for r in records if r["kind"] == "choice"]),

@@ -6,9 +6,9 @@ import re
 import string
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_LETTER_REFERENCE = re.compile(r"^\(?([A-Ha-h])[).:]?$")
+_LETTER_REFERENCE = re.compile(r"^\(?([A-H])[).:]?$")  # upper case only: "a" is a word, not option A
 # A letter the model chose: at the very start ("B", "B.", "(B) red") or after "answer is"/"answer:".
-_LETTER_PREDICTION = (re.compile(r"^\(?([A-H])(?:[).:\s]|$)"), re.compile(r"answer(?: is)?:?\s*\(?([A-H])\b", re.I))
+_LETTER_PREDICTION = (re.compile(r"^\(?([A-H])(?:[).:]|$)"), re.compile(r"answer(?: is)?:?\s*\(?([A-H])\b", re.I))
 
 
 def normalize(text: str) -> str:

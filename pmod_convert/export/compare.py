@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..adapters import ArchitectureAdapter
+from ..devices import to_device
 from ..errors import RecipeError
 
 Batch = Mapping[str, torch.Tensor]
@@ -34,7 +35,7 @@ def model_logits(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
     device = next(p.device for p in model.parameters())
     out = []
     for batch in batches:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        moved = to_device(batch, device)
         logits = model(**moved).logits.float().cpu()
         mask = batch.get("attention_mask")
         keep = mask.bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import to_device
 from ..errors import DataError, RecipeError
 from .quantize import quiet_int8_casts
 from .retention import LayerRetention, RetentionRecorder
@@ -40,7 +41,7 @@ def generate_answer(checkpoint: str | Path, prompt: str, image: str | Path | Non
     model = load_pretrained(checkpoint)
     inputs = encoder.encode_prompt(images=[image] if image is not None else [], prompt=prompt)
     device = next(p.device for p in model.parameters())
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    inputs = to_device(inputs, device)
     recorder = RetentionRecorder(model) if retention else None
     with torch.no_grad(), quiet_int8_casts(), (recorder or contextlib.nullcontext()):
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,

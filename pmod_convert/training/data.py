@@ -65,7 +65,7 @@ def load_training_data(data: str | Path, image_folder: str | Path | None, checkp
     for sample in tqdm(dataset.samples, desc="checking samples", unit="sample", disable=not show_progress,
                        leave=False):
         try:
-            item = _encode_checked(encoder, sample, settings.max_length)
+            item = encoder.encode_checked(sample, settings.max_length)
         except DataError as exc:
             message = f"{dataset.source} row {sample.row} (id {sample.id!r}): {exc}"
             if not settings.skip_bad_rows:
@@ -85,21 +85,6 @@ def load_training_data(data: str | Path, image_folder: str | Path | None, checkp
     cache = items if size <= CACHE_BYTES else None
     return TrainingData(samples=kept, encoder=encoder, source=dataset.source, lengths=lengths, answer_tokens=answers,
                         skipped=len(reasons), skipped_reasons=reasons, cache=cache)
-
-
-def _encode_checked(encoder: SampleEncoder, sample: Sample, max_length: int | None) -> dict[str, torch.Tensor]:
-    try:
-        item = encoder.encode(sample)
-    except DataError:
-        raise
-    except (ValueError, RuntimeError, OSError, KeyError, IndexError) as exc:  # processor errors on odd inputs
-        raise DataError(f"cannot be encoded ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
-    n = int(item["input_ids"].shape[-1])
-    if max_length is not None and n > max_length:
-        raise DataError(f"has {n} tokens, more than max_length {max_length} (truncating would cut image tokens)")
-    if int((item["labels"][:, 1:] != IGNORE).sum()) == 0:
-        raise DataError("has no answer tokens to learn from")
-    return item
 
 
 # ---- batch order ------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import IGNORE, model_inputs
+from ..devices import to_device
 from ..errors import CheckpointError, RecipeError
 from .checkpoints import (
     STATE_FILE,
@@ -48,10 +49,6 @@ class WindowResult:
     input_tokens: int = 0
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def answer_token_count(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
@@ -68,7 +65,7 @@ def forward_backward(model: nn.Module, micro_batches: Sequence[dict], settings: 
     """
     result = WindowResult()
     for i, batch in enumerate(micro_batches):
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if (last or accelerator is None) else accelerator.no_sync(model)
         if text_routing is not None:
