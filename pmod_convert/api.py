@@ -86,6 +86,12 @@ def _pmod_section(adapter: ArchitectureAdapter, model: nn.Module, ratios: list[f
     }
 
 
+def mod_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """``(decoder layer index, layer)`` of every MoD layer (peft wrappers allowed)."""
+    layers = get_adapter(model).decoder_layers(model)
+    return [(i, layer) for i, layer in enumerate(layers) if isinstance(layer, MoDLayerMixin)]
+
+
 def layer_infos(model: nn.Module) -> list[LayerInfo]:
     """Per decoder layer: MoD ratio and router settings (None for dense layers)."""
     infos = []

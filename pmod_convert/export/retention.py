@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..adapters import get_adapter
-from ..adapters.base import unwrap
-from ..mod.layer import MoDLayerMixin
+from ..api import mod_layers
 
 
 @dataclass
@@ -30,9 +28,7 @@ class RetentionRecorder:
     """
 
     def __init__(self, model: nn.Module):
-        base = unwrap(model)
-        self.layers = [(i, layer) for i, layer in enumerate(get_adapter(base).decoder_layers(base))
-                       if isinstance(layer, MoDLayerMixin)]
+        self.layers = mod_layers(model)
         self._handles: list = []
         self._records: dict[int, LayerRetention] = {}
 

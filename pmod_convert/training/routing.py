@@ -22,7 +22,6 @@ from torch import nn
 from ..adapters import get_adapter
 from ..adapters.base import unwrap
 from ..errors import RecipeError
-from ..mod.layer import MoDLayerMixin
 from ..mod.router import ROUTER_NAME, TanhNormRouter
 from ..mod.routing import select_tokens
 
@@ -36,9 +35,9 @@ def bare_model(model: nn.Module) -> nn.Module:
 
 def mod_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """``(decoder layer index, layer)`` of every MoD layer of ``model`` (peft/DDP wrappers allowed)."""
-    model = bare_model(model)
-    layers = get_adapter(model).decoder_layers(model)
-    return [(i, layer) for i, layer in enumerate(layers) if isinstance(layer, MoDLayerMixin)]
+    from ..api import mod_layers as layers_of
+
+    return layers_of(bare_model(model))
 
 
 def routers(model: nn.Module) -> list[tuple[int, TanhNormRouter]]:
