@@ -15,7 +15,8 @@ Overrides accepted by every ``tiny_config`` (and forwarded by the functions here
 * ``num_hidden_layers``, ``hidden_size``, ``intermediate_size``, ``num_attention_heads``,
   ``num_key_value_heads``, ``vocab_size``, ``max_position_embeddings``, ``head_dim``,
   ``rms_norm_eps``: go to the text (decoder) config.
-* ``text_<key>``: any other text-config key; ``vision_<key>``: any vision-config key.
+* ``text_<key>``: any other text-config key; ``vision_<key>``: any vision-config key (except the top-level
+  ``vision_feature_layer``, ``vision_feature_select_strategy`` and ``vision_aspect_ratio``).
 * ``attn_implementation`` (``"sdpa"`` default, or ``"eager"``): set as ``_attn_implementation`` on
   the top config and, recursively, every sub-config.
 * ``tie_word_embeddings``: top and text config.
@@ -78,6 +79,10 @@ TEXT_KEYS = (
 )
 
 
+# Top-level multimodal config keys that merely start with "vision_" (not vision-tower settings).
+TOP_LEVEL_VISION_KEYS = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
+
+
 def tok(name: str) -> int:
     """Id of a special token of the shared tiny vocabulary."""
     return SPECIAL_TOKENS[name]
@@ -90,6 +95,8 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict, str]:
     for key, value in overrides.items():
         if key in ("attn_implementation", "_attn_implementation"):
             attn = value
+        elif key in TOP_LEVEL_VISION_KEYS:
+            top[key] = value
         elif key.startswith("text_"):
             text[key[len("text_"):]] = value
         elif key.startswith("vision_"):
@@ -223,7 +230,7 @@ _CHAT_TEMPLATES = {
         "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-        "{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+        "{% endfor %}{% endif %}{END_OF_TURN} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     ),
     "chatml": (
         "{% for m in messages %}<|im_start|> {{ m['role'] }} "
@@ -235,15 +242,33 @@ _CHAT_TEMPLATES = {
 }
 
 
-def build_tokenizer(vocab_size: int, *, family: str, chat_template: str | None = None):
-    """A ``PreTrainedTokenizerFast`` over the shared tiny vocabulary (WordLevel, whitespace split)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def build_tokenizer(vocab_size: int, *, family: str, chat_template: str | None = None,
+                    words: Sequence[str] | None = None):
+    """A ``PreTrainedTokenizerFast`` over the shared tiny vocabulary (WordLevel, whitespace split).
+
+    ``words``: real words for ids ``RESERVED, RESERVED+1, ...`` (the rest stay ``w<id>``); with words,
+    ``?``, ``.`` and ``,`` are also split off as words of their own (list them in ``words`` too).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {name: i for i, name in enumerate(_NAMES)}
     vocab.update({f"w{i}": i for i in range(RESERVED, vocab_size)})
+    if words is not None:
+        words = list(dict.fromkeys(words))
+        clash = [w for w in words if w in SPECIAL_TOKENS or not w or any(c.isspace() for c in w)]
+        if clash:
+            raise ValueError(f"tokenizer words must be non-empty, without spaces and not special tokens: {clash[:5]}")
+        if RESERVED + len(words) > vocab_size:
+            raise ValueError(f"{len(words)} words need vocab_size >= {RESERVED + len(words)}, got {vocab_size}")
+        for i in range(RESERVED, RESERVED + len(words)):
+            del vocab[f"w{i}"]
+        vocab.update({w: RESERVED + i for i, w in enumerate(words)})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if words is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[?.,]"), behavior="isolated")])
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
 
     named: dict[str, str] = {}
@@ -279,9 +304,11 @@ def build_tokenizer(vocab_size: int, *, family: str, chat_template: str | None =
     return tokenizer
 
 
-def _image_processor_and_processor(family: str, config: Any, tokenizer: Any):
+def _image_processor_and_processor(family: str, config: Any, tokenizer: Any, template: str | None = None):
     """(image_processor, processor or None, note). Uses the PIL backends: no torchvision here."""
     import transformers as tf
+
+    template = template if template is not None else chat_template(family)
 
     vc = getattr(config, "vision_config", None)
     if family == "llava":
@@ -290,7 +317,7 @@ def _image_processor_and_processor(family: str, config: Any, tokenizer: Any):
         proc = tf.LlavaProcessor(
             image_processor=ip, tokenizer=tokenizer, patch_size=vc.patch_size,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
-            num_additional_image_tokens=1, chat_template=_CHAT_TEMPLATES["llava"],
+            num_additional_image_tokens=1, chat_template=template,
         )
         return ip, proc, None
     if family == "llava_next":
@@ -302,7 +329,7 @@ def _image_processor_and_processor(family: str, config: Any, tokenizer: Any):
         proc = tf.LlavaNextProcessor(
             image_processor=ip, tokenizer=tokenizer, patch_size=vc.patch_size,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
-            num_additional_image_tokens=1, chat_template=_CHAT_TEMPLATES["llava"],
+            num_additional_image_tokens=1, chat_template=template,
         )
         return ip, proc, None
     if family == "llava_onevision":
@@ -349,35 +376,40 @@ def build_tiny_model(family: str, seed: int = 0, **overrides: Any):
     return model, config
 
 
-def save_tiny_checkpoint(family: str, path: str | os.PathLike, seed: int = 0, **overrides: Any):
-    """Write a tiny checkpoint folder: config, safetensors weights, tokenizer, image processor, processor.
+def chat_template(model_type: str, *, end_of_turn: bool = False) -> str:
+    """The tiny chat template of a ``model_type``.
 
-    The tokenizer is a WordLevel ``PreTrainedTokenizerFast`` (with the family's special tokens such as
-    ``<image>`` / ``<|image_pad|>`` and a simple chat template), loadable with ``AutoTokenizer``.
-    The image processor is the family's PIL-backend class (``*ImageProcessorPil``).  A full
-    processor (``AutoProcessor``) is saved for llava, llava_next and idefics3; for
-    llava_onevision, qwen2_vl, qwen2_5_vl and smolvlm the processor class requires a video
-    processor, which needs torchvision (not installed), so only tokenizer + image processor are
-    saved there.  Returns ``(model, config)``.
+    ``end_of_turn``: the llava template closes every assistant turn with ``</s>`` (the eos token), so a
+    model trained on rendered conversations learns to stop after its answer. ChatML templates always
+    close turns with ``<|im_end|>``.
     """
-    from .adapters import adapter_by_family
-
-    adapter = adapter_by_family(family)
-    model, config = build_tiny_model(family, seed=seed, **overrides)
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-
-    model_type = config.model_type
-    tpl_key = "chatml" if model_type in ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "idefics3", "smolvlm") else "llava"
-    template = _CHAT_TEMPLATES[tpl_key]
+    key = "chatml" if model_type in ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "idefics3", "smolvlm") else "llava"
+    template = _CHAT_TEMPLATES[key]
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
         template = template.replace("{IMAGE}", "<|vision_start|> <|image_pad|> <|vision_end|>").replace(
             "{VIDEO}", "<|vision_start|> <|video_pad|> <|vision_end|>")
     else:
         template = template.replace("{IMAGE}", "<image>").replace("{VIDEO}", "<video>")
-    tokenizer = build_tokenizer(adapter.text_config(config).vocab_size, family=model_type, chat_template=template)
-    ip, proc, note = _image_processor_and_processor(model_type, config, tokenizer)
+    eot = "{% if m['role'] == 'assistant' %} </s>{% endif %}" if end_of_turn else ""
+    return template.replace("{END_OF_TURN}", eot)
+
+
+def save_processor_files(config: Any, path: str | os.PathLike, *, words: Sequence[str] | None = None,
+                         end_of_turn: bool = False) -> None:
+    """Write the tokenizer, image processor and (where possible) processor of a tiny ``config`` to ``path``.
+
+    ``words`` / ``end_of_turn``: see ``build_tokenizer`` and ``chat_template``.
+    """
+    from .adapters import get_adapter
+
+    adapter = get_adapter(config)
+    model_type = config.model_type
+    template = chat_template(model_type, end_of_turn=end_of_turn)
+    tokenizer = build_tokenizer(adapter.text_config(config).vocab_size, family=model_type, chat_template=template,
+                                words=words)
+    ip, proc, note = _image_processor_and_processor(model_type, config, tokenizer, template)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
     if proc is not None:
         proc.save_pretrained(path)
     else:
@@ -386,6 +418,26 @@ def save_tiny_checkpoint(family: str, path: str | os.PathLike, seed: int = 0, **
         if note:
             with open(os.path.join(path, "pmod_tiny_note.json"), "w") as f:
                 json.dump({"processor_not_saved": note}, f)
+
+
+def save_tiny_checkpoint(family: str, path: str | os.PathLike, seed: int = 0, *, words: Sequence[str] | None = None,
+                         end_of_turn: bool = False, **overrides: Any):
+    """Write a tiny checkpoint folder: config, safetensors weights, tokenizer, image processor, processor.
+
+    The tokenizer is a WordLevel ``PreTrainedTokenizerFast`` (with the family's special tokens such as
+    ``<image>`` / ``<|image_pad|>`` and a simple chat template), loadable with ``AutoTokenizer``.
+    The image processor is the family's PIL-backend class (``*ImageProcessorPil``).  A full
+    processor (``AutoProcessor``) is saved for llava, llava_next and idefics3; for
+    llava_onevision, qwen2_vl, qwen2_5_vl and smolvlm the processor class requires a video
+    processor, which needs torchvision (not installed), so only tokenizer + image processor are
+    saved there.  ``words`` names the plain-word ids (see ``build_tokenizer``); ``end_of_turn`` closes
+    llava assistant turns with ``</s>`` (see ``chat_template``). Returns ``(model, config)``.
+    """
+    model, config = build_tiny_model(family, seed=seed, **overrides)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    save_processor_files(config, path, words=words, end_of_turn=end_of_turn)
     return model, config
 
 
@@ -395,5 +447,7 @@ __all__ = [
     "build_tiny_model",
     "save_tiny_checkpoint",
     "build_tokenizer",
+    "chat_template",
+    "save_processor_files",
     "tok",
 ]

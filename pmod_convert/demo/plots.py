@@ -1,0 +1,60 @@
+"""The quickstart's figure: test accuracy against decoder FLOPs for every model the run produced."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+STYLES = {  # stage -> (marker, colour, legend label)
+    "dense": ("*", "black", "dense"),
+    "calibrated": ("o", "tab:orange", "calibrated only (no finetune)"),
+    "finetuned": ("s", "tab:blue", "calibrated + finetuned"),
+    "exported": ("D", "tab:green", "exported"),
+}
+
+
+def plot_accuracy_vs_flops(rows: Sequence[dict[str, Any]], path: str | Path, *, blind_accuracy: float | None = None,
+                           tolerance: float = 0.02, title: str = "") -> Path:
+    """Scatter of ``accuracy`` against ``decoder_flops_ratio`` for ``rows`` (dicts with ``stage`` and ``name``).
+
+    Points of the same stage are joined in FLOPs order; the band under the dense accuracy shows ``tolerance``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    dense = next((r for r in rows if r["stage"] == "dense"), None)
+    if dense is not None:
+        ax.axhspan(dense["accuracy"] - tolerance, dense["accuracy"], color="tab:gray", alpha=0.15,
+                   label=f"within {100 * tolerance:.0f} points of dense")
+    if blind_accuracy is not None:
+        ax.axhline(blind_accuracy, color="tab:red", linestyle=":", linewidth=1,
+                   label=f"blind baseline (no image) {100 * blind_accuracy:.1f}%")
+    for stage, (marker, colour, label) in STYLES.items():
+        points = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["decoder_flops_ratio"])
+        if not points:
+            continue
+        xs = [r["decoder_flops_ratio"] for r in points]
+        ys = [r["accuracy"] for r in points]
+        if len(points) > 1:
+            ax.plot(xs, ys, color=colour, linewidth=1, alpha=0.6)
+        ax.scatter(xs, ys, marker=marker, s=90 if marker == "*" else 45, color=colour, label=label, zorder=3)
+        for r in points:
+            ax.annotate(r["name"], (r["decoder_flops_ratio"], r["accuracy"]), textcoords="offset points",
+                        xytext=(4, -11), fontsize=7, color=colour)
+    ax.set_xlabel("decoder prefill FLOPs (fraction of dense, estimated on the test questions)")
+    ax.set_ylabel("test accuracy")
+    ax.set_xlim(0, 1.05)
+    low = min([r["accuracy"] for r in rows] + ([blind_accuracy] if blind_accuracy is not None else []))
+    ax.set_ylim(max(0.0, low - 0.08), min(1.0, max(r["accuracy"] for r in rows) + 0.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or "accuracy vs FLOPs", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

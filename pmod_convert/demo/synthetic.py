@@ -1,0 +1,370 @@
+"""A seeded synthetic visual question-answering dataset: a few small shapes on a plain background.
+
+Each image is ``size`` x ``size`` pixels with one to three shapes (circle, square, triangle) in pure
+colours on a plain background, so most image patches are background and the answer always depends
+on the few foreground patches -- the situation Mixture-of-Depths routing is made for.
+
+Questions have one-word answers (colour, shape, count, left/right, top/bottom, yes/no) or are multiple
+choice answered by a letter. Splits are written as LLaVA-style JSON files next to an ``images/`` folder::
+
+    DIR/images/train_00000.png ...
+    DIR/train.json   several questions per image (a multi-turn conversation: more supervision per image)
+    DIR/val.json     one question per image
+    DIR/test.json    one question per image
+    DIR/dataset.json the settings, counts and vocabulary
+
+Every row carries its scene (``"scene"``) and question kinds (``"kinds"``) besides the usual ``id``,
+``image`` and ``conversations``, so answers can be checked and accuracy broken down by question kind.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import PmodError
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 40, 180),
+}
+SHAPES = ("circle", "square", "triangle")
+# The CLIP image processor's mean colour: after normalisation the background is exactly zero, so background
+# patches embed to (almost) nothing but their position and the few foreground patches stand out from the start.
+BACKGROUND = (123, 117, 104)
+COUNT_WORDS = ("zero", "one", "two", "three")
+LETTERS = ("A", "B", "C")
+QUESTION_KINDS = ("colour", "shape", "count", "horizontal", "vertical", "exists", "choice")
+MC_SUFFIX = "answer with the letter"
+SPLITS = ("train", "val", "test")
+
+
+class DatasetSettingsError(PmodError):
+    """Invalid settings for the synthetic dataset."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # one of SHAPES
+    colour: str  # one of COLOURS
+    cx: int  # centre, pixels
+    cy: int
+    radius: int  # half of the bounding box side
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.cx - self.radius, self.cy - self.radius, self.cx + self.radius, self.cy + self.radius)
+
+
+@dataclass(frozen=True)
+class Question:
+    kind: str  # one of QUESTION_KINDS
+    text: str
+    answer: str
+
+
+@dataclass
+class DatasetInfo:
+    root: Path
+    image_size: int
+    counts: dict[str, int]  # images per split
+    questions: dict[str, int]  # questions per split
+    vocabulary: list[str]
+
+    def split(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    @property
+    def image_folder(self) -> Path:
+        return self.root / "images"
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenes
+# ------------------------------------------------------------------------------------------------
+
+
+CELL = 16  # shapes sit in a grid of 16 px cells, aligned with the vision tower's 8 px patches
+
+
+def draw_scene(rng: random.Random, size: int = 64, max_shapes: int = 3) -> list[Shape]:
+    """One to ``max_shapes`` shapes, each in its own grid cell (so wholly on one side of both midlines).
+
+    A shape's box lies inside its cell with a margin of 2 px, so shapes never touch. Aligning cells with the
+    patch grid keeps each shape's patches alike from image to image: a tower trained from scratch for a few
+    minutes learns to tell circles from squares and triangles.
+    """
+    cells = [(x, y) for y in range(0, size, CELL) for x in range(0, size, CELL)]
+    n = rng.randint(1, max_shapes)
+    shapes = []
+    for x0, y0 in rng.sample(cells, n):
+        radius = rng.choice([5, 6])
+        jitter = (lambda: rng.randint(-1, 1)) if radius == 5 else (lambda: 0)
+        cx, cy = x0 + CELL // 2 + jitter(), y0 + CELL // 2 + jitter()
+        shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), cx, cy, radius))
+    return shapes
+
+
+def _apart(a: Shape, b: Shape, gap: int) -> bool:
+    ax0, ay0, ax1, ay1 = a.box
+    bx0, by0, bx1, by1 = b.box
+    return ax1 + gap < bx0 or bx1 + gap < ax0 or ay1 + gap < by0 or by1 + gap < ay0
+
+
+def render(shapes: list[Shape], size: int = 64):
+    """The scene as an RGB PIL image."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for s in shapes:
+        x0, y0, x1, y1 = s.box
+        fill = COLOURS[s.colour]
+        if s.kind == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif s.kind == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.polygon([(s.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    return image
+
+
+# ------------------------------------------------------------------------------------------------
+# Questions
+# ------------------------------------------------------------------------------------------------
+
+
+def _unique(values: list[str]) -> list[str]:
+    return sorted(v for v in set(values) if values.count(v) == 1)
+
+
+def _colour_q(rng, shapes):
+    kinds = _unique([s.kind for s in shapes])
+    if not kinds:
+        return None
+    kind = rng.choice(kinds)
+    shape = next(s for s in shapes if s.kind == kind)
+    return Question("colour", f"what colour is the {kind}?", shape.colour)
+
+
+def _shape_q(rng, shapes):
+    colours = _unique([s.colour for s in shapes])
+    if not colours:
+        return None
+    colour = rng.choice(colours)
+    shape = next(s for s in shapes if s.colour == colour)
+    return Question("shape", f"what shape is the {colour} object?", shape.kind)
+
+
+def _count_q(rng, shapes):
+    kind = rng.choice(SHAPES)
+    count = sum(s.kind == kind for s in shapes)
+    return Question("count", f"how many {kind}s are there?", COUNT_WORDS[count])
+
+
+def _position_q(rng, shapes, size, horizontal):
+    kinds = _unique([s.kind for s in shapes])
+    if not kinds:
+        return None
+    kind = rng.choice(kinds)
+    shape = next(s for s in shapes if s.kind == kind)
+    if horizontal:
+        return Question("horizontal", f"is the {kind} on the left or the right?",
+                        "left" if shape.cx < size / 2 else "right")
+    return Question("vertical", f"is the {kind} at the top or the bottom?", "top" if shape.cy < size / 2 else "bottom")
+
+
+def _exists_q(rng, shapes):
+    present = {(s.colour, s.kind) for s in shapes}
+    if rng.random() < 0.5:
+        colour, kind = rng.choice(sorted(present))
+    else:
+        absent = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
+        # Half of the "no" cases share the colour or the shape of an object: no shortcut on one attribute.
+        near = [(c, k) for c, k in absent if any(c == pc or k == pk for pc, pk in present)]
+        colour, kind = rng.choice(near if near and rng.random() < 0.5 else absent)
+    return Question("exists", f"is there a {colour} {kind}?", "yes" if (colour, kind) in present else "no")
+
+
+def _choice_q(rng, shapes):
+    base = _colour_q(rng, shapes) if rng.random() < 0.5 else _shape_q(rng, shapes)
+    if base is None:
+        base = _colour_q(rng, shapes) or _shape_q(rng, shapes)
+    if base is None:
+        return None
+    pool = list(COLOURS) if base.kind == "colour" else list(SHAPES)
+    options = [base.answer] + rng.sample([p for p in pool if p != base.answer], len(LETTERS) - 1)
+    rng.shuffle(options)
+    listed = " ".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options))
+    text = f"{base.text} {listed} {MC_SUFFIX}."
+    return Question("choice", text, LETTERS[options.index(base.answer)])
+
+
+CAPTION_PROMPT = "describe the image."
+
+
+def describe(shapes: list[Shape], size: int = 64) -> str:
+    """A caption listing every shape in reading order: "red circle top left, blue square bottom right."."""
+    ordered = sorted(shapes, key=lambda s: (s.cy >= size / 2, s.cx, s.cy))
+    parts = [f"{s.colour} {s.kind} {'top' if s.cy < size / 2 else 'bottom'} {'left' if s.cx < size / 2 else 'right'}"
+             for s in ordered]
+    return ", ".join(parts) + "."
+
+
+def ask(rng: random.Random, shapes: list[Shape], kind: str, size: int = 64) -> Question | None:
+    """A question of ``kind`` about the scene with its correct answer (None if the scene cannot support it)."""
+    makers: dict[str, Callable] = {
+        "colour": lambda: _colour_q(rng, shapes),
+        "shape": lambda: _shape_q(rng, shapes),
+        "count": lambda: _count_q(rng, shapes),
+        "horizontal": lambda: _position_q(rng, shapes, size, True),
+        "vertical": lambda: _position_q(rng, shapes, size, False),
+        "exists": lambda: _exists_q(rng, shapes),
+        "choice": lambda: _choice_q(rng, shapes),
+    }
+    if kind not in makers:
+        raise DatasetSettingsError(f"unknown question kind {kind!r}; choose from {', '.join(QUESTION_KINDS)}")
+    return makers[kind]()
+
+
+def questions_for(rng: random.Random, shapes: list[Shape], n: int, size: int = 64) -> list[Question]:
+    """``n`` questions of distinct kinds (kinds drawn uniformly among those the scene supports)."""
+    kinds = list(QUESTION_KINDS)
+    rng.shuffle(kinds)
+    out = []
+    for kind in kinds:
+        q = ask(rng, shapes, kind, size)
+        if q is not None:
+            out.append(q)
+        if len(out) == n:
+            break
+    return out
+
+
+def vocabulary() -> list[str]:
+    """Every word the generator can produce (questions, answers, options), punctuation split off."""
+    words = set(COLOURS) | set(SHAPES) | {f"{s}s" for s in SHAPES} | set(COUNT_WORDS) | set(LETTERS)
+    words |= set("what colour is the shape object how many are there on left or right at top bottom a".split())
+    words |= {"yes", "no", "?", ".", ",", "answer", "with", "letter", "describe", "image"}
+    return sorted(words)
+
+
+def split_words(text: str) -> list[str]:
+    """Whitespace split with ``?``, ``.`` and ``,`` as separate words (how the demo tokenizer splits)."""
+    out = []
+    for word in text.split():
+        token = ""
+        for ch in word:
+            if ch in "?.,":
+                if token:
+                    out.append(token)
+                out.append(ch)
+                token = ""
+            else:
+                token += ch
+        if token:
+            out.append(token)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing splits
+# ------------------------------------------------------------------------------------------------
+
+
+def _row(sid: str, image: str, shapes: list[Shape], questions: list[Question]) -> dict:
+    conversations = []
+    for i, q in enumerate(questions):
+        conversations.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q.text})
+        conversations.append({"from": "gpt", "value": q.answer})
+    return {"id": sid, "image": image, "conversations": conversations,
+            "kinds": [q.kind for q in questions], "scene": [asdict(s) for s in shapes]}
+
+
+def iter_split(name: str, n_images: int, questions_per_image: int, seed: int, size: int = 64,
+               max_shapes: int = 3, caption: bool = False):
+    """Yield ``(row, PIL image)`` for one split; the same (name, seed, settings) always gives the same split.
+
+    ``caption``: end every conversation with "describe the image." and the scene's caption (dense supervision
+    of every shape's colour, kind and position: it teaches a model from scratch to look at the image).
+    """
+    rng = random.Random(f"{seed}-{name}")
+    for i in range(n_images):
+        shapes = draw_scene(rng, size, max_shapes)
+        questions = questions_for(rng, shapes, questions_per_image, size)
+        if caption:
+            questions.append(Question("caption", CAPTION_PROMPT, describe(shapes, size)))
+        yield _row(f"{name}-{i:05d}", f"{name}_{i:05d}.png", shapes, questions), render(shapes, size)
+
+
+def make_dataset(root: str | Path, *, train: int = 3000, val: int = 200, test: int = 400,
+                 train_questions: int = 3, train_captions: bool = True, seed: int = 0, size: int = 64,
+                 max_shapes: int = 3, progress: Callable[[str, int, int], None] | None = None) -> DatasetInfo:
+    """Write the three splits under ``root`` (train: ``train_questions`` turns per image, then a caption turn
+    with ``train_captions``; val/test: one question).
+
+    ``progress(split, done, total)`` is called after every image (for progress bars).
+    """
+    if size < 2 * CELL or size % (2 * CELL):
+        raise DatasetSettingsError(f"image size must be a multiple of {2 * CELL} px, got {size}")
+    if min(train, val, test) < 1:
+        raise DatasetSettingsError("every split needs at least one image")
+    if not 1 <= train_questions <= len(QUESTION_KINDS):
+        raise DatasetSettingsError(f"train_questions must be in 1..{len(QUESTION_KINDS)}, got {train_questions}")
+    if not 1 <= max_shapes <= 3:
+        raise DatasetSettingsError(f"max_shapes must be in 1..3, got {max_shapes}")
+    root = Path(root)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    counts, questions = {}, {}
+    for name, n, per_image in (("train", train, train_questions), ("val", val, 1), ("test", test, 1)):
+        rows = []
+        caption = train_captions and name == "train"
+        for i, (row, image) in enumerate(iter_split(name, n, per_image, seed, size, max_shapes, caption)):
+            image.save(images / row["image"])
+            rows.append(row)
+            if progress is not None:
+                progress(name, i + 1, n)
+        (root / f"{name}.json").write_text(json.dumps(rows, indent=1))
+        counts[name], questions[name] = n, sum(len(r["kinds"]) for r in rows)
+    info = DatasetInfo(root=root, image_size=size, counts=counts, questions=questions, vocabulary=vocabulary())
+    meta = {"seed": seed, "image_size": size, "max_shapes": max_shapes, "train_questions": train_questions,
+            "train_captions": train_captions,
+            "images": counts, "questions": questions, "vocabulary": info.vocabulary,
+            "colours": {k: list(v) for k, v in COLOURS.items()}, "background": list(BACKGROUND)}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return info
+
+
+def blind_baseline(train_rows: list[dict], test_rows: list[dict]) -> float:
+    """Accuracy of answering without the image: the most common training answer to the same question text.
+
+    Questions never seen in training fall back to the most common answer of their kind. This is the
+    "chance" a model must clearly beat to show it reads the image.
+    """
+    from collections import Counter
+
+    by_text: dict[str, Counter] = {}
+    by_kind: dict[str, Counter] = {}
+    for row in train_rows:
+        conv = row["conversations"]
+        for i, kind in enumerate(row["kinds"]):
+            text = conv[2 * i]["value"].replace("<image>", "").strip()
+            answer = conv[2 * i + 1]["value"]
+            by_text.setdefault(text, Counter())[answer] += 1
+            by_kind.setdefault(kind, Counter())[answer] += 1
+    hits = total = 0
+    for row in test_rows:
+        conv = row["conversations"]
+        text = conv[-2]["value"].replace("<image>", "").strip()
+        counter = by_text.get(text) or by_kind.get(row["kinds"][-1])
+        guess = counter.most_common(1)[0][0] if counter else ""
+        hits += guess == conv[-1]["value"]
+        total += 1
+    return hits / max(total, 1)
