@@ -37,6 +37,7 @@ class TinyLlavaSettings:
     vision_hidden: int = 96
     vision_layers: int = 2
     vision_heads: int = 4
+    vision_feature_layer: int = -1  # which tower output the projector reads (-1: the last layer)
     hidden: int = 128
     layers: int = 6
     heads: int = 4
@@ -67,8 +68,7 @@ class TinyLlavaSettings:
             vision_hidden_size=self.vision_hidden, vision_intermediate_size=4 * self.vision_hidden,
             vision_num_hidden_layers=self.vision_layers, vision_num_attention_heads=self.vision_heads,
             vision_projection_dim=self.vision_hidden,
-            # The last tower layer's features (the default -2 would compute one layer for nothing).
-            vision_feature_layer=-1,
+            vision_feature_layer=self.vision_feature_layer,
         )
 
 

@@ -6,16 +6,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-STYLES = {  # stage -> (marker, colour, legend label)
-    "dense": ("*", "black", "dense"),
-    "calibrated": ("o", "tab:orange", "calibrated only (no finetune)"),
-    "finetuned": ("s", "tab:blue", "calibrated + finetuned"),
-    "exported": ("D", "tab:green", "exported"),
+STYLES = {  # stage -> (marker, colour, legend label, label offset in points)
+    "dense": ("*", "black", "dense", (4, -11)),
+    "calibrated": ("o", "tab:orange", "calibrated only (no finetune)", (4, -11)),
+    "finetuned": ("s", "tab:blue", "calibrated + finetuned", (-4, 7)),
+    "exported": ("D", "tab:green", "exported (merged, standalone)", (6, 7)),
 }
 
 
 def plot_accuracy_vs_flops(rows: Sequence[dict[str, Any]], path: str | Path, *, blind_accuracy: float | None = None,
-                           tolerance: float = 0.02, title: str = "") -> Path:
+                           tolerance: float = 0.02, flops_target: float | None = None, title: str = "") -> Path:
     """Scatter of ``accuracy`` against ``decoder_flops_ratio`` for ``rows`` (dicts with ``stage`` and ``name``).
 
     Points of the same stage are joined in FLOPs order; the band under the dense accuracy shows ``tolerance``.
@@ -33,7 +33,10 @@ def plot_accuracy_vs_flops(rows: Sequence[dict[str, Any]], path: str | Path, *, 
     if blind_accuracy is not None:
         ax.axhline(blind_accuracy, color="tab:red", linestyle=":", linewidth=1,
                    label=f"blind baseline (no image) {100 * blind_accuracy:.1f}%")
-    for stage, (marker, colour, label) in STYLES.items():
+    if flops_target is not None:
+        ax.axvline(flops_target, color="tab:gray", linestyle="--", linewidth=1,
+                   label=f"FLOPs target {100 * flops_target:.0f}%")
+    for stage, (marker, colour, label, offset) in STYLES.items():
         points = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["decoder_flops_ratio"])
         if not points:
             continue
@@ -41,10 +44,12 @@ def plot_accuracy_vs_flops(rows: Sequence[dict[str, Any]], path: str | Path, *, 
         ys = [r["accuracy"] for r in points]
         if len(points) > 1:
             ax.plot(xs, ys, color=colour, linewidth=1, alpha=0.6)
-        ax.scatter(xs, ys, marker=marker, s=90 if marker == "*" else 45, color=colour, label=label, zorder=3)
+        hollow = stage == "exported"  # drawn over the finetuned point it was merged from
+        ax.scatter(xs, ys, marker=marker, s=90 if marker == "*" else (80 if hollow else 45), label=label, zorder=3,
+                   facecolors="none" if hollow else colour, edgecolors=colour, linewidths=1.5 if hollow else 1)
         for r in points:
             ax.annotate(r["name"], (r["decoder_flops_ratio"], r["accuracy"]), textcoords="offset points",
-                        xytext=(4, -11), fontsize=7, color=colour)
+                        xytext=offset, fontsize=7, color=colour, ha="right" if offset[0] < 0 else "left")
     ax.set_xlabel("decoder prefill FLOPs (fraction of dense, estimated on the test questions)")
     ax.set_ylabel("test accuracy")
     ax.set_xlim(0, 1.05)

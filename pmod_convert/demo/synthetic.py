@@ -94,20 +94,23 @@ CELL = 16  # shapes sit in a grid of 16 px cells, aligned with the vision tower'
 
 
 def draw_scene(rng: random.Random, size: int = 64, max_shapes: int = 3) -> list[Shape]:
-    """One to ``max_shapes`` shapes, each in its own grid cell (so wholly on one side of both midlines).
+    """One to ``max_shapes`` shapes, each filling its own grid cell, no two in neighbouring cells.
 
-    A shape's box lies inside its cell with a margin of 2 px, so shapes never touch. Aligning cells with the
-    patch grid keeps each shape's patches alike from image to image: a tower trained from scratch for a few
-    minutes learns to tell circles from squares and triangles.
+    A shape's 15 px box lies inside its 16 px cell (so wholly on one side of both midlines), and cells that
+    share an edge or a corner are never both used (so shapes stand apart). Aligning cells with the patch grid
+    keeps each shape's patches alike from image to image: a tower trained from scratch for a few minutes
+    learns to tell circles from squares and triangles.
     """
-    cells = [(x, y) for y in range(0, size, CELL) for x in range(0, size, CELL)]
-    n = rng.randint(1, max_shapes)
+    side = size // CELL
+    free = [(cx, cy) for cy in range(side) for cx in range(side)]
     shapes = []
-    for x0, y0 in rng.sample(cells, n):
-        radius = rng.choice([5, 6])
-        jitter = (lambda: rng.randint(-1, 1)) if radius == 5 else (lambda: 0)
-        cx, cy = x0 + CELL // 2 + jitter(), y0 + CELL // 2 + jitter()
-        shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), cx, cy, radius))
+    for _ in range(rng.randint(1, max_shapes)):
+        gx, gy = rng.choice(free)
+        free = [(x, y) for x, y in free if max(abs(x - gx), abs(y - gy)) > 1]
+        shapes.append(Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), gx * CELL + CELL // 2,
+                            gy * CELL + CELL // 2, CELL // 2 - 1))
+        if not free:
+            break
     return shapes
 
 
