@@ -213,6 +213,19 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     return model
 
 
+def load_any(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+             ) -> nn.Module:
+    """A pmod checkpoint with its routing (and finetune sidecar), or a dense checkpoint as it is, on ``device``.
+
+    For commands that take either kind (eval, generate). ``device``: cpu / cuda; None: transformers' default.
+    """
+    pmod = read_config(path).get("pmod")
+    # CPU is transformers' default placement; an explicit CPU map would make quantized models refuse to load.
+    device_map = {"": str(device)} if device is not None and torch.device(device).type != "cpu" else None
+    load = load_pretrained if isinstance(pmod, dict) else load_dense
+    return load(path, dtype=dtype, device_map=device_map)
+
+
 def _load_router_weights(model: nn.Module, path: str | Path) -> None:
     load_router_state(model, {f"{k}": v for k, v in read_router_tensors(path).items()}, where=str(path))
 

@@ -305,7 +305,9 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(source, tmp_path):
     cases = [(["export", str(tmp_path / "missing"), "--out", str(out), "--quantize", "nf4"], "does not exist"),
              (["export", str(source[0]), "--out", str(out), "--quantize", "int3"], "unknown quantization 'int3'"),
              (["export", str(source[0]), "--out", str(out), "--quantize", "nf4", "--skip-modules", ","], "at least one"),
-             (["generate", str(source[0]), "--prompt", "w40", "--image", str(tmp_path / "no.png")], "does not exist")]
+             (["generate", str(source[0]), "--prompt", "w40", "--image", str(tmp_path / "no.png")], "does not exist"),
+             (["generate", str(source[0]), "--prompt", "w40", "--device", "tpu"], "unknown device 'tpu'"),
+             (["generate", str(source[0]), "--prompt", "w40", "--dtype", "int4"], "dtype must be one of")]
     for args, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code != 0
@@ -329,6 +331,23 @@ def test_cli_export_then_generate_verbose(source, tmp_path):
     assert rows["1"][5:8] == ["36", "│", "18"] and rows["3"][5:8] == ["36", "│", "9"]
     result = runner.invoke(app, ["export", str(source[0]), "--out", str(out), "--quantize", "int8"])
     assert result.exit_code != 0 and "already exists" in _error_line(result)
+
+
+def test_generate_answers_for_dense_checkpoints_like_transformers(source, tmp_path):
+    """``generate`` takes the dense source too, so dense and MoD answers are one command each."""
+    from pmod_convert.data import SampleEncoder
+    from pmod_convert.export import generate_answer
+
+    dense = source[0].parent / "dense"
+    Image.new("RGB", (48, 48), (20, 140, 200)).save(tmp_path / "img.png")
+    result = generate_answer(dense, "w40 w41", tmp_path / "img.png", max_new_tokens=4, device="cpu", dtype="float32")
+    encoder = SampleEncoder.from_pretrained(dense)
+    inputs = encoder.encode_prompt(images=[tmp_path / "img.png"], prompt="w40 w41")
+    with torch.no_grad():
+        reference = load_dense(dense).generate(**inputs, max_new_tokens=4, do_sample=False,
+                                               pad_token_id=encoder.pad_token_id)
+    assert result.text == encoder.decode(reference[0, inputs["input_ids"].shape[1]:])
+    assert result.prompt_tokens == inputs["input_ids"].shape[1] and result.retention == []
 
 
 def test_settings_dataclass_defaults():

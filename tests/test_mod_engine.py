@@ -5,19 +5,15 @@ import types
 
 import pytest
 import torch
+from conftest import FAMILIES, batch_inputs, single_rows, tiny_model
 
 from pmod_convert import Recipe, ScheduleSettings, add_routers, layer_infos
 from pmod_convert.adapters import adapter_by_family
+from pmod_convert.data import collate
 from pmod_convert.mod.cache import MoDCacheLayer
 from pmod_convert.mod.layer import MoDLayerMixin
 from pmod_convert.mod.router import ROUTER_NAME
-
 from pmod_convert.tiny import RESERVED
-
-from pmod_convert.data import collate
-
-from conftest import FAMILIES, batch_inputs, single_rows, tiny_model
-
 
 # A random model may emit a vision placeholder; recomputation would then see one image token too many.
 SPECIAL_IDS = list(range(RESERVED))

@@ -182,6 +182,15 @@ def test_quickstart_fast_writes_every_artifact(fast_run):
     for row in report["rows"]:  # the table shows every model
         assert row["name"] in output
     assert "prefill" in output and "blind baseline" in output
+    # not a terminal: periodic lines instead of progress bars that redraw in place
+    assert "pretraining step 40/40: loss" in output and "\r" not in output
+
+
+def _per_kind(predictions, test_rows):
+    kinds = {}
+    for p in predictions:
+        kinds.setdefault(test_rows[p["id"]]["kinds"][-1], []).append(p["correct"])
+    return {k: sum(v) / len(v) for k, v in kinds.items()}
 
 
 def test_quickstart_numbers_are_computed_from_the_outputs(fast_run):
@@ -210,6 +219,7 @@ def test_quickstart_numbers_are_computed_from_the_outputs(fast_run):
             assert p["reference"] == reference and p["correct"] == is_correct(p["prediction"], reference)[0]
         assert 0.0 <= row["accuracy"] <= 1.0
         assert row["accuracy"] == pytest.approx(sum(p["correct"] for p in predictions) / len(predictions))
+        assert row["per_kind"] == pytest.approx(_per_kind(predictions, test_rows))
 
         config = json.loads((out / row["checkpoint"] / "config.json").read_text())
         ratios = config["pmod"]["layer_ratios"] if row["stage"] != "dense" else [None] * 4
@@ -227,6 +237,8 @@ def test_quickstart_numbers_are_computed_from_the_outputs(fast_run):
             assert row["prefill_time_ratio"] == pytest.approx(bench["mod"]["prefill_s_median"]
                                                               / bench["dense"]["prefill_s_median"])
             assert bench["layer_ratios"] == ratios
+    dense_predictions = (out / report["rows"][0]["predictions"]).read_text()
+    assert '"correct": true' in dense_predictions  # even --fast learns the commonest answers
     main = next(r for r in report["rows"] if r["name"] == "finetuned-55")
     calibration = json.loads((out / "checkpoints" / "calibrated-55" / "calibration_report.json").read_text())
     assert calibration["budget"]["target"] == pytest.approx(0.55)

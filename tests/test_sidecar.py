@@ -4,7 +4,15 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from pmod_convert import CheckpointError, Recipe, ScheduleSettings, add_routers, layer_infos, load_pretrained, save_pretrained
+from pmod_convert import (
+    CheckpointError,
+    Recipe,
+    ScheduleSettings,
+    add_routers,
+    layer_infos,
+    load_pretrained,
+    save_pretrained,
+)
 from pmod_convert.adapters import adapter_by_family
 from pmod_convert.api import load_dense
 from pmod_convert.sidecar import SIDECAR_DIR, save_sidecar

@@ -48,6 +48,12 @@ AlphaOpt = Annotated[Optional[float], typer.Option("--tanh-alpha", help="TanhNor
 BetaOpt = Annotated[Optional[float], typer.Option("--tanh-beta", help="TanhNorm beta (1.0).")]
 
 
+# ---- shared run options ------------------------------------------------------------------------
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu | cuda (default: cuda when available).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="auto | float32 | float16 | bfloat16 (default: the checkpoint's).")]
+
+
 def parse_layers(text: str) -> list[int]:
     layers: list[int] = []
     try:

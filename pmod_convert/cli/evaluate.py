@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import app, console, one_line_errors, out_console
+from .common import DeviceOpt, DtypeOpt, app, console, one_line_errors, out_console
 
 
 @app.command("eval")
@@ -23,8 +23,8 @@ def eval_cmd(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N usable rows.")] = None,
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="Skip (and count) rows with missing images or no answer instead of failing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu | cuda (default: cuda when available).")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | float16 | bfloat16 (default: the checkpoint's).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Generate answers greedily, score them (normalised exact match, multiple-choice letters), write a summary."""
     from ..evaluation import evaluate

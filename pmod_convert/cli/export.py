@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import app, console, one_line_errors, out_console
+from .common import DeviceOpt, DtypeOpt, app, console, one_line_errors, out_console
 
 
 @app.command("export")
@@ -43,11 +43,14 @@ def generate_cmd(
     image: Annotated[Optional[Path], typer.Option("--image", "-i", help="Image file the prompt is about.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 32,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the vision tokens each MoD layer kept.")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Print one greedy answer; with --verbose, the retained vision tokens per MoD layer during the prefill."""
     from ..export import generate_answer
 
-    result = generate_answer(checkpoint, prompt, image, max_new_tokens=max_new_tokens, retention=verbose)
+    result = generate_answer(checkpoint, prompt, image, max_new_tokens=max_new_tokens, retention=verbose,
+                             device=device, dtype=dtype)
     typer.echo(result.text)
     if verbose:
         table = Table(title=f"prefill: {result.prompt_tokens} prompt tokens; {result.new_tokens} new tokens")

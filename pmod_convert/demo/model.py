@@ -44,7 +44,7 @@ class TinyLlavaSettings:
     kv_heads: int = 2
     mlp_ratio: int = 2
 
-    def validate(self) -> "TinyLlavaSettings":
+    def validate(self) -> TinyLlavaSettings:
         if self.image_size % self.patch_size:
             raise RecipeError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.hidden % self.heads or self.heads % self.kv_heads:
@@ -103,7 +103,7 @@ class PretrainSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
 
-    def validate(self) -> "PretrainSettings":
+    def validate(self) -> PretrainSettings:
         if self.steps < 1 or self.batch_size < 1:
             raise RecipeError("pretraining needs steps >= 1 and batch_size >= 1")
         if not self.lr > 0:
@@ -117,6 +117,17 @@ class PretrainSettings:
             return (step + 1) / self.warmup_steps
         t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _draw(order: list[int], size: int, n: int, rng: random.Random) -> list[int]:
+    """The next ``n`` indices of a dataset of ``size`` samples, epoch after epoch in fresh random orders."""
+    while len(order) < n:
+        fresh = list(range(size))
+        rng.shuffle(fresh)
+        order += fresh
+    chosen = order[:n]
+    del order[:n]
+    return chosen
 
 
 @dataclass
@@ -141,9 +152,8 @@ def pretrain(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
 
     settings = (settings or PretrainSettings()).validate()
     start = time.perf_counter()
-    dataset = read_samples(data, image_folder)
     encoder = SampleEncoder.from_pretrained(checkpoint)
-    items = [encoder.encode(s) for s in dataset.samples]
+    items = [encoder.encode(s) for s in read_samples(data, image_folder).samples]
     torch.manual_seed(settings.seed)
     model = load_dense(checkpoint, dtype="float32")
     model.train()
@@ -156,11 +166,7 @@ def pretrain(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     order: list[int] = []
     losses = []
     for step in range(settings.steps):
-        if len(order) < settings.batch_size:  # epochs in a fresh random order; no sample twice in a batch
-            fresh = list(range(len(items)))
-            rng.shuffle(fresh)
-            order += fresh
-        chosen, order = order[:settings.batch_size], order[settings.batch_size:]
+        chosen = _draw(order, len(items), settings.batch_size, rng)
         batch = collate([items[i] for i in chosen], pad_token_id=encoder.pad_token_id, padding_side=PADDING_SIDE)
         loss = model(**model_inputs(batch), labels=batch["labels"], use_cache=False).loss
         loss.backward()

@@ -237,7 +237,7 @@ def ask(rng: random.Random, shapes: list[Shape], kind: str, size: int = 64) -> Q
 
 
 def questions_for(rng: random.Random, shapes: list[Shape], n: int, size: int = 64) -> list[Question]:
-    """``n`` questions of distinct kinds (kinds drawn uniformly among those the scene supports)."""
+    """Up to ``n`` questions of distinct kinds (drawn uniformly among those the scene supports)."""
     kinds = list(QUESTION_KINDS)
     rng.shuffle(kinds)
     out = []
@@ -300,7 +300,7 @@ def iter_split(name: str, n_images: int, questions_per_image: int, seed: int, si
     rng = random.Random(f"{seed}-{name}")
     for i in range(n_images):
         shapes = draw_scene(rng, size, max_shapes)
-        questions = questions_for(rng, shapes, questions_per_image, size)
+        questions = questions_for(rng, shapes, questions_per_image, size)  # never empty: "count" always fits
         if caption:
             questions.append(Question("caption", CAPTION_PROMPT, describe(shapes, size)))
         yield _row(f"{name}-{i:05d}", f"{name}_{i:05d}.png", shapes, questions), render(shapes, size)
@@ -309,8 +309,8 @@ def iter_split(name: str, n_images: int, questions_per_image: int, seed: int, si
 def make_dataset(root: str | Path, *, train: int = 3000, val: int = 200, test: int = 400,
                  train_questions: int = 3, train_captions: bool = True, seed: int = 0, size: int = 64,
                  max_shapes: int = 3, progress: Callable[[str, int, int], None] | None = None) -> DatasetInfo:
-    """Write the three splits under ``root`` (train: ``train_questions`` turns per image, then a caption turn
-    with ``train_captions``; val/test: one question).
+    """Write the splits under ``root`` (train: ``train_questions`` turns per image, then a caption turn with
+    ``train_captions``; val/test: one question each).
 
     ``progress(split, done, total)`` is called after every image (for progress bars).
     """

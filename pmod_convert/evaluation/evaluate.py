@@ -46,17 +46,6 @@ class EvalSummary:
         return out
 
 
-def load_any(checkpoint: str | Path, dtype: str | None = None, device: Any = None) -> nn.Module:
-    """A pmod checkpoint with its routing (and finetune sidecar), or a dense checkpoint as it is, on ``device``."""
-    from ..api import load_dense, load_pretrained
-
-    pmod = read_config(checkpoint).get("pmod")
-    # CPU is transformers' default placement; an explicit CPU map would make quantized models refuse to load.
-    device_map = {"": str(device)} if device is not None and torch.device(device).type != "cpu" else None
-    load = load_pretrained if isinstance(pmod, dict) else load_dense
-    return load(checkpoint, dtype=dtype, device_map=device_map)
-
-
 def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path | None = None, *,
              model: nn.Module | None = None, out: str | Path | None = None, batch_size: int = 8,
              max_new_tokens: int = 16, limit: int | None = None, skip_bad_rows: bool = False,
@@ -75,7 +64,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     run_device = resolve_device(device) if model is None else next(model.parameters()).device
     dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows, limit=limit)
     encoder = SampleEncoder.from_pretrained(checkpoint)
-    model = model if model is not None else load_any(checkpoint, dtype=dtype, device=run_device)
+    if model is None:
+        from ..api import load_any
+
+        model = load_any(checkpoint, dtype=dtype, device=run_device)
     model.eval()
     device = next(model.parameters()).device
     skipped = dataset.skipped

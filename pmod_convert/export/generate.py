@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import to_device
+from ..devices import resolve_device, to_device
 from ..errors import DataError, RecipeError
 from .quantize import quiet_int8_casts
 from .retention import LayerRetention, RetentionRecorder
@@ -23,12 +23,15 @@ class Generation:
 
 
 def generate_answer(checkpoint: str | Path, prompt: str, image: str | Path | None = None, *,
-                    max_new_tokens: int = 32, retention: bool = False) -> Generation:
+                    max_new_tokens: int = 32, retention: bool = False, device: str | None = None,
+                    dtype: str | None = None) -> Generation:
     """Greedy answer to ``prompt`` about ``image``, formatted with the checkpoint's own chat template.
 
-    ``retention``: also count the vision tokens each MoD layer kept during the prefill.
+    Dense checkpoints answer too (for comparisons). ``retention``: also count the vision tokens each MoD layer
+    kept during the prefill. ``device``: cpu / cuda (default: cuda when available); ``dtype``: float32 /
+    float16 / bfloat16 (default: the checkpoint's).
     """
-    from ..api import load_pretrained
+    from ..api import load_any
     from ..data import SampleEncoder
 
     if max_new_tokens < 1:
@@ -37,8 +40,9 @@ def generate_answer(checkpoint: str | Path, prompt: str, image: str | Path | Non
         raise RecipeError("the prompt is empty; pass --prompt TEXT")
     if image is not None and not Path(image).is_file():
         raise DataError(f"image {image} does not exist; pass an image file with --image")
+    run_device = resolve_device(device)
     encoder = SampleEncoder.from_pretrained(checkpoint)
-    model = load_pretrained(checkpoint)
+    model = load_any(checkpoint, dtype=dtype, device=run_device)
     inputs = encoder.encode_prompt(images=[image] if image is not None else [], prompt=prompt)
     device = next(p.device for p in model.parameters())
     inputs = to_device(inputs, device)

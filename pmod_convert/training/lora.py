@@ -10,14 +10,12 @@ import torch
 from torch import nn
 
 from ..adapters import ArchitectureAdapter, get_adapter
-from ..api import load_pretrained
+from ..api import load_pretrained, resolve_dtype
 from ..checkpoint import read_config, router_key
 from ..errors import CheckpointError, RecipeError
 from ..mod.router import ROUTER_NAME
 from .routing import routers, tie_routers
 from .settings import FinetuneSettings
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def load_base(checkpoint: Any, settings: FinetuneSettings, device: torch.device | str = "cpu") -> nn.Module:
@@ -33,7 +31,8 @@ def load_base(checkpoint: Any, settings: FinetuneSettings, device: torch.device 
     config = read_config(checkpoint)
     adapter, compute = get_adapter(config), _compute_dtype(settings.dtype, config)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=_skip_patterns(adapter))
+                               bnb_4bit_compute_dtype=compute,
+                               llm_int8_skip_modules=_kept_unquantized(checkpoint, adapter))
     try:
         return load_pretrained(checkpoint, dtype=compute, adapter=False, quantization_config=quant,
                                device_map={"": torch.device(device)})
@@ -41,17 +40,23 @@ def load_base(checkpoint: Any, settings: FinetuneSettings, device: torch.device 
         raise RecipeError(f"--qlora needs bitsandbytes ({str(exc).splitlines()[0]})") from None
 
 
-def _skip_patterns(adapter: ArchitectureAdapter) -> list[str]:
-    # transformers 5.x matches skip entries from the start of the module name (or as a suffix), so a bare
-    # "vision_tower" would not skip "model.vision_tower.*": anchor each name at any module boundary.
-    return [rf"(?:.*\.)?{re.escape(name)}" for name in adapter.never_quantize]
+def _kept_unquantized(checkpoint: Any, adapter: ArchitectureAdapter) -> list[str]:
+    """Full names of the family's ``never_quantize`` modules (the rule export uses too)."""
+    from ..quantization import resolve_skip_modules, skeleton
+
+    return resolve_skip_modules(skeleton(checkpoint), adapter.never_quantize, strict=False)
 
 
 def _compute_dtype(name: str, config: dict) -> torch.dtype:
-    if name in _DTYPES:
-        return _DTYPES[name]
+    """``name`` as a torch dtype; ``auto``: the checkpoint's stored dtype (float32 when it names none)."""
+    if name != "auto":
+        return resolve_dtype(name)
     stored = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-    return _DTYPES.get(stored, torch.float32)
+    try:
+        resolved = resolve_dtype(stored)
+    except RecipeError:  # a dtype this toolkit does not train in (e.g. float8): compute in float32
+        return torch.float32
+    return resolved if isinstance(resolved, torch.dtype) else torch.float32
 
 
 def prepare_for_training(model: nn.Module, settings: FinetuneSettings) -> nn.Module:
