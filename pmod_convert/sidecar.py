@@ -12,7 +12,10 @@ Layout inside a pmod checkpoint folder (like a peft adapter next to its base mod
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,5 +98,14 @@ def load_sidecar(model: nn.Module, checkpoint: str | Path, *, is_trainable: bool
 
         if not (folder / "adapter_config.json").is_file():
             raise CheckpointError(f"{folder} says it holds a LoRA adapter but adapter_config.json is missing")
-        model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
     return model
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrapping a model in peft without transformers' FutureWarning about a property peft reads (not ours to fix)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

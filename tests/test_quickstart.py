@@ -127,6 +127,22 @@ def test_scene_shapes_never_overlap_or_cross_midlines():
             assert all(synthetic._apart(a, b, gap=2) for b in shapes[i + 1:])
 
 
+def _qa_row(kind, question, answer):
+    return {"kinds": [kind], "conversations": [{"from": "human", "value": "<image>\n" + question},
+                                                {"from": "gpt", "value": answer}]}
+
+
+def test_blind_baseline_guesses_the_commonest_training_answer_per_question():
+    train = [_qa_row("count", "how many circles are there?", a) for a in ("zero", "zero", "one")]
+    train += [_qa_row("colour", "what colour is the square?", a) for a in ("red", "blue", "blue")]
+    test = [_qa_row("count", "how many circles are there?", "zero"), _qa_row("count", "how many circles are there?", "two"),
+            _qa_row("colour", "what colour is the square?", "red"),
+            _qa_row("colour", "what colour is the circle?", "blue")]  # unseen text: the kind's commonest answer
+    assert synthetic.blind_baseline_by_kind(train, test) == {"colour": 0.5, "count": 0.5}
+    assert synthetic.blind_baseline(train, test) == 0.5
+    assert synthetic.blind_baseline(train, test[:1]) == 1.0
+
+
 def test_bad_dataset_settings_are_one_line_errors(tmp_path):
     with pytest.raises(synthetic.DatasetSettingsError, match="multiple of 32"):
         synthetic.make_dataset(tmp_path, size=60)
@@ -184,6 +200,8 @@ def test_quickstart_fast_writes_every_artifact(fast_run):
     assert "prefill" in output and "blind baseline" in output
     # not a terminal: periodic lines instead of progress bars that redraw in place
     assert "pretraining step 40/40: loss" in output and "\r" not in output
+    assert "by question kind, dense -> finetuned-55 (blind): " in output
+    assert set(report["blind_per_kind"]) == set(report["rows"][0]["per_kind"])
 
 
 def _per_kind(predictions, test_rows):

@@ -128,6 +128,7 @@ class QuickstartReport:
     timings: dict[str, float]  # wall seconds per stage
     cpu_seconds: dict[str, float]  # CPU seconds per stage (this process, all threads)
     blind_accuracy: float
+    blind_per_kind: dict[str, float]  # the blind baseline per question kind: what reading the image must beat
     target: dict[str, Any]
     pretraining: dict[str, Any]  # the dense model's training: steps, seconds, losses
     workload: dict[str, Any]  # tokens per test prompt
@@ -284,6 +285,7 @@ def _run(out: Path, settings: QuickstartSettings, console: Any) -> QuickstartRep
         train_rows = json.loads(info.split("train").read_text())
         test_rows = json.loads(info.split("test").read_text())
         blind = synthetic.blind_baseline(train_rows, test_rows)
+        blind_per_kind = synthetic.blind_baseline_by_kind(train_rows, test_rows)
     images, train_json, val_json, test_json = info.image_folder, info.split("train"), info.split("val"), info.split("test")
 
     # 2. dense model -----------------------------------------------------------------------------
@@ -398,7 +400,7 @@ def _run(out: Path, settings: QuickstartSettings, console: Any) -> QuickstartRep
     files = {"report": REPORT_FILE, "plot": PLOT_FILE, "data": "data", "checkpoints": "checkpoints",
              "predictions": "eval", "bench": "bench"}
     report = QuickstartReport(out=out, rows=rows, timings=dict(stages.timings), cpu_seconds=dict(stages.cpu),
-                              blind_accuracy=blind, target=target, pretraining=pretraining, workload=workload,
+                              blind_accuracy=blind, blind_per_kind=blind_per_kind, target=target, pretraining=pretraining, workload=workload,
                               settings=settings.to_dict(), files=files)
     from .plots import plot_accuracy_vs_flops
 
@@ -483,6 +485,9 @@ def summary_lines(report: QuickstartReport) -> list[str]:
         f"target ({t['goal']}): {verdict}: {t['model']} {100 * main.accuracy:.1f}% vs dense {100 * dense.accuracy:.1f}% "
         f"({-t['accuracy_gap_points']:+.1f} points) at {100 * t['decoder_flops_ratio']:.1f}% FLOPs"
         + ("" if t["applies"] else " (--fast run: accuracy not meaningful)"),
+        f"by question kind, dense -> {t['model']} (blind): " + ", ".join(
+            f"{kind} {100 * dense.per_kind[kind]:.0f}->{100 * main.per_kind.get(kind, float('nan')):.0f}% "
+            f"({100 * report.blind_per_kind.get(kind, float('nan')):.0f}%)" for kind in dense.per_kind),
         "stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.timings.items()),
         f"wrote {report.out / REPORT_FILE} and {report.out / PLOT_FILE}",
     ]

@@ -351,6 +351,16 @@ def blind_baseline(train_rows: list[dict], test_rows: list[dict]) -> float:
     Questions never seen in training fall back to the most common answer of their kind. This is the
     "chance" a model must clearly beat to show it reads the image.
     """
+    hits = _blind_hits(train_rows, test_rows)
+    return sum(h for h, _ in hits.values()) / max(sum(n for _, n in hits.values()), 1)
+
+
+def blind_baseline_by_kind(train_rows: list[dict], test_rows: list[dict]) -> dict[str, float]:
+    """``blind_baseline`` per question kind of the test rows."""
+    return {kind: h / n for kind, (h, n) in sorted(_blind_hits(train_rows, test_rows).items())}
+
+
+def _blind_hits(train_rows: list[dict], test_rows: list[dict]) -> dict[str, tuple[int, int]]:
     from collections import Counter
 
     by_text: dict[str, Counter] = {}
@@ -362,12 +372,12 @@ def blind_baseline(train_rows: list[dict], test_rows: list[dict]) -> float:
             answer = conv[2 * i + 1]["value"]
             by_text.setdefault(text, Counter())[answer] += 1
             by_kind.setdefault(kind, Counter())[answer] += 1
-    hits = total = 0
+    hits: dict[str, tuple[int, int]] = {}
     for row in test_rows:
-        conv = row["conversations"]
+        conv, kind = row["conversations"], row["kinds"][-1]
         text = conv[-2]["value"].replace("<image>", "").strip()
-        counter = by_text.get(text) or by_kind.get(row["kinds"][-1])
+        counter = by_text.get(text) or by_kind.get(kind)
         guess = counter.most_common(1)[0][0] if counter else ""
-        hits += guess == conv[-1]["value"]
-        total += 1
-    return hits / max(total, 1)
+        h, n = hits.get(kind, (0, 0))
+        hits[kind] = (h + (guess == conv[-1]["value"]), n + 1)
+    return hits

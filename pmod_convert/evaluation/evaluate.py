@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_folder, read_config
+from ..checkpoint import atomic_folder
 from ..data import SampleEncoder, collate, read_samples
 from ..devices import resolve_device, to_device
 from ..efficiency import TextShape, estimate

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from ..api import load_pretrained, resolve_dtype
 from ..checkpoint import read_config, router_key
 from ..errors import CheckpointError, RecipeError
 from ..mod.router import ROUTER_NAME
+from ..sidecar import peft_quietly
 from .routing import routers, tie_routers
 from .settings import FinetuneSettings
 
@@ -114,8 +114,7 @@ def _add_lora(model: nn.Module, settings: FinetuneSettings, adapter: Architectur
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=regex, modules_to_save=to_save, bias="none")
     try:
-        with warnings.catch_warnings():  # peft probes a deprecated transformers property; not our concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with peft_quietly():
             return get_peft_model(model, config)
     except ValueError as exc:
         raise RecipeError(f"peft cannot add LoRA to {regex!r}: {str(exc).splitlines()[0]}") from None
