@@ -141,6 +141,11 @@ def test_blind_baseline_guesses_the_commonest_training_answer_per_question():
     assert synthetic.blind_baseline_by_kind(train, test) == {"colour": 0.5, "count": 0.5}
     assert synthetic.blind_baseline(train, test) == 0.5
     assert synthetic.blind_baseline(train, test[:1]) == 1.0
+    # texts seen once in training are noise: the kind's commonest answer ("no") is the better blind strategy
+    train = [_qa_row("exists", "is there a red circle?", "yes")] + [_qa_row("exists", f"is there a {c} square?", "no")
+                                                                    for c in ("red", "blue", "green")]
+    test = [_qa_row("exists", "is there a red circle?", "no"), _qa_row("exists", "is there a blue circle?", "no")]
+    assert synthetic.blind_baseline_by_kind(train, test) == {"exists": 1.0}
 
 
 def test_bad_dataset_settings_are_one_line_errors(tmp_path):
