@@ -400,8 +400,8 @@ def _run(out: Path, settings: QuickstartSettings, console: Any) -> QuickstartRep
     files = {"report": REPORT_FILE, "plot": PLOT_FILE, "data": "data", "checkpoints": "checkpoints",
              "predictions": "eval", "bench": "bench"}
     report = QuickstartReport(out=out, rows=rows, timings=dict(stages.timings), cpu_seconds=dict(stages.cpu),
-                              blind_accuracy=blind, blind_per_kind=blind_per_kind, target=target, pretraining=pretraining, workload=workload,
-                              settings=settings.to_dict(), files=files)
+                              blind_accuracy=blind, blind_per_kind=blind_per_kind, target=target,
+                              pretraining=pretraining, workload=workload, settings=settings.to_dict(), files=files)
     from .plots import plot_accuracy_vs_flops
 
     title = (f"tiny LLaVA on synthetic shapes ({settings.model.image_tokens} image tokens)"
