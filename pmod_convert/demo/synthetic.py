@@ -147,22 +147,23 @@ def _unique(values: list[str]) -> list[str]:
     return sorted(v for v in set(values) if values.count(v) == 1)
 
 
-def _colour_q(rng, shapes):
-    kinds = _unique([s.kind for s in shapes])
-    if not kinds:
+def _named_by(rng, shapes, attribute: str) -> tuple[str, Shape] | None:
+    """A value of ``attribute`` ("kind" or "colour") that names exactly one shape, and that shape."""
+    values = _unique([getattr(s, attribute) for s in shapes])
+    if not values:
         return None
-    kind = rng.choice(kinds)
-    shape = next(s for s in shapes if s.kind == kind)
-    return Question("colour", f"what colour is the {kind}?", shape.colour)
+    value = rng.choice(values)
+    return value, next(s for s in shapes if getattr(s, attribute) == value)
+
+
+def _colour_q(rng, shapes):
+    named = _named_by(rng, shapes, "kind")
+    return None if named is None else Question("colour", f"what colour is the {named[0]}?", named[1].colour)
 
 
 def _shape_q(rng, shapes):
-    colours = _unique([s.colour for s in shapes])
-    if not colours:
-        return None
-    colour = rng.choice(colours)
-    shape = next(s for s in shapes if s.colour == colour)
-    return Question("shape", f"what shape is the {colour} object?", shape.kind)
+    named = _named_by(rng, shapes, "colour")
+    return None if named is None else Question("shape", f"what shape is the {named[0]} object?", named[1].kind)
 
 
 def _count_q(rng, shapes):
@@ -172,11 +173,10 @@ def _count_q(rng, shapes):
 
 
 def _position_q(rng, shapes, size, horizontal):
-    kinds = _unique([s.kind for s in shapes])
-    if not kinds:
+    named = _named_by(rng, shapes, "kind")
+    if named is None:
         return None
-    kind = rng.choice(kinds)
-    shape = next(s for s in shapes if s.kind == kind)
+    kind, shape = named
     if horizontal:
         return Question("horizontal", f"is the {kind} on the left or the right?",
                         "left" if shape.cx < size / 2 else "right")
