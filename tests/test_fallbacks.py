@@ -1,14 +1,17 @@
 """No silent dense fallback: the routing switch, the did-not-route guard and every way into the model (issue 12)."""
 
 import copy
+import types
 
 import pytest
 import torch
 from conftest import FAMILIES, batch_inputs, tiny_model
 
 from pmod_convert import Recipe, ScheduleSettings, add_routers
+from pmod_convert.errors import PmodError
 from pmod_convert.mod.context import routing_disabled
 from pmod_convert.mod.router import ROUTER_NAME
+from pmod_convert.tiny import RESERVED
 
 
 def constant(ratio, layers=None):
@@ -79,3 +82,133 @@ def test_routing_disabled_refuses_a_dense_model():
     with pytest.raises(ValueError, match="no MoD layers"):
         with routing_disabled(dense):
             pass
+
+
+# ---- helpers for the ways in ----------------------------------------------------------------------
+def dense_patched(model, index=1):
+    """Make MoD layer ``index`` run its dense forward (what an accelerate hook captured before the fix did)."""
+    from pmod_convert.adapters import get_adapter
+    from pmod_convert.adapters.base import unwrap
+
+    layer = get_adapter(unwrap(model)).decoder_layers(unwrap(model))[index]
+    layer.forward = types.MethodType(type(layer).__mro__[2].forward, layer)
+    return layer
+
+
+def routed_layers(model):
+    from pmod_convert.api import mod_layers
+    from pmod_convert.adapters.base import unwrap
+
+    return [i for i, layer in mod_layers(unwrap(model)) if layer.pmod_last_counts is not None]
+
+
+def mod_model(family="llava", ratio=0.5, layers=(0, 1, 3), **overrides):
+    dense, config = tiny_model(family, **overrides)
+    mod = add_routers(dense, constant(ratio, layers=list(layers)))
+    randomize_routers(mod)
+    return mod, config
+
+
+# ---- the guard ------------------------------------------------------------------------------------
+def test_guard_raises_when_a_mod_layer_runs_dense_but_not_for_text_or_routing_disabled():
+    mod, config = mod_model()
+    inputs = batch_inputs("llava", config)
+    dense_patched(mod, 1)
+    with pytest.raises(PmodError, match=r"MoD layers \[1\] did not route"):
+        logits_of(mod, inputs)
+    text = {"input_ids": inputs["input_ids"][:, -4:], "attention_mask": inputs["attention_mask"][:, -4:]}
+    logits_of(mod, text)  # text only: nothing to route, no error
+    with routing_disabled(mod):
+        logits_of(mod, inputs)  # explicitly dense: no error
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_routes_and_is_guarded(reentrant):
+    mod, config = mod_model()
+    inputs = batch_inputs("llava", config)
+    labels = inputs["input_ids"].masked_fill(~ok(inputs), -100)
+    mod.train()
+    ref = mod(**inputs, labels=labels).loss
+    mod.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    loss = mod(**inputs, labels=labels).loss
+    assert routed_layers(mod) == [0, 1, 3]
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    dense_patched(mod, 3)
+    with pytest.raises(PmodError, match="did not route"):
+        mod(**inputs, labels=labels)
+
+
+def test_peft_wrapper_routes_and_is_guarded():
+    from peft import LoraConfig, get_peft_model
+
+    from pmod_convert.adapters import adapter_by_family
+
+    mod, config = mod_model()
+    inputs = batch_inputs("llava", config)
+    ref = logits_of(mod, inputs)
+    peft_model = get_peft_model(mod, LoraConfig(r=4, target_modules=adapter_by_family("llava").lora_target_regex))
+    torch.testing.assert_close(logits_of(peft_model, inputs), ref)  # LoRA B = 0: the same routed model
+    assert routed_layers(peft_model) == [0, 1, 3]
+    with routing_disabled(peft_model):
+        dense_logits = logits_of(peft_model, inputs)
+    assert not torch.allclose(dense_logits[ok(inputs)], ref[ok(inputs)], atol=1e-4)
+    dense_patched(peft_model, 0)
+    with pytest.raises(PmodError, match=r"\[0\] did not route"):
+        logits_of(peft_model, inputs)
+
+
+def test_torch_compile_routes_and_is_guarded():
+    mod, config = mod_model()
+    inputs = batch_inputs("llava", config)
+    ref = logits_of(mod, inputs)
+    compiled = torch.compile(mod, backend="eager")
+    torch.testing.assert_close(logits_of(compiled, inputs), ref)
+    assert routed_layers(mod) == [0, 1, 3]
+    with routing_disabled(compiled):
+        logits_of(compiled, inputs)
+    dense_patched(mod, 1)
+    torch._dynamo.reset()
+    with pytest.raises(PmodError, match="did not route"):
+        logits_of(torch.compile(mod, backend="eager"), inputs)
+
+
+def test_accelerate_prepare_routes_and_is_guarded():
+    from accelerate import Accelerator
+
+    mod, config = mod_model()
+    inputs = batch_inputs("llava", config)
+    ref = logits_of(mod, inputs)
+    prepared = Accelerator(cpu=True).prepare(mod)
+    torch.testing.assert_close(logits_of(prepared, inputs), ref)
+    assert routed_layers(prepared) == [0, 1, 3]
+    dense_patched(prepared, 1)
+    with pytest.raises(PmodError, match="did not route"):
+        logits_of(prepared, inputs)
+
+
+# ---- device maps with CPU / disk offload ----------------------------------------------------------
+def test_device_map_with_cpu_and_disk_offload_routes_like_one_device(tmp_path):
+    from pmod_convert import load_pretrained, save_pretrained
+    from pmod_convert.tiny import save_tiny_checkpoint
+
+    save_tiny_checkpoint("llava", tmp_path / "dense")
+    mod, config = mod_model()
+    save_pretrained(mod, tmp_path / "mod", source=tmp_path / "dense")
+    one = load_pretrained(tmp_path / "mod")
+    prefix = "model.language_model."
+    device_map = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", prefix + "embed_tokens": "cpu",
+                  prefix + "layers.0": "cpu", prefix + "layers.1": "disk", prefix + "layers.2": "cpu",
+                  prefix + "layers.3": "disk", prefix + "norm": "cpu", "lm_head": "cpu"}
+    offloaded = load_pretrained(tmp_path / "mod", device_map=device_map)
+    assert offloaded.hf_device_map[prefix + "layers.1"] == "disk"
+    for name, p in offloaded.named_parameters():
+        if ROUTER_NAME in name:
+            assert p.device.type == "cpu", name  # never meta, even in a disk-offloaded layer
+    inputs = batch_inputs("llava", config)
+    ref = logits_of(one, inputs)
+    torch.testing.assert_close(logits_of(offloaded, inputs), ref, rtol=0, atol=0)
+    assert routed_layers(offloaded) == [0, 1, 3]
+    kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=list(range(RESERVED)))
+    with torch.no_grad():
+        assert torch.equal(offloaded.generate(**inputs, **kw), one.generate(**inputs, **kw))

@@ -125,7 +125,8 @@ def _reference_forward(self, hidden_states, attention_mask=None, position_ids=No
     """All tokens run through the dense layer; skipped tokens are masked out as keys and from the update."""
     dense_forward = type(self).__mro__[2].forward  # the original decoder layer class
     batch, seq, _ = hidden_states.shape
-    targets = self._pmod_context.targets_for(hidden_states)
+    # route_call (not targets_for): the "every MoD layer routed" guard counts this reference as routing
+    targets = self._pmod_context.route_call(self.pmod_layer_idx, hidden_states)
     router = getattr(self, ROUTER_NAME)
     logits = router.logits(hidden_states)
     weights = router.token_weights(logits)

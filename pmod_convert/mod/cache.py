@@ -48,6 +48,12 @@ class MoDCacheLayer(DynamicLayer):
         self.compressed = self.compressed or compressed
         return keys, values
 
+    def skip(self, query_length: int) -> None:
+        """Advance the logical length by ``query_length`` tokens of which none was kept (no entry stored)."""
+        self._pending = None
+        self.logical_length += query_length
+        self.compressed = True
+
     def get_seq_length(self) -> int:
         return self.logical_length
 

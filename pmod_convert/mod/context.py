@@ -9,52 +9,193 @@ import torch
 from torch import nn
 
 
+# Forward kwargs that carry image/video features (raw pixels or pre-computed encoder outputs). Placeholder ids
+# are routing targets only in a forward that carries one of these: a generated token that merely equals a
+# vision id (a decode step) has no features behind it and is text.
+VISION_INPUT_KEYS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "mm_encoder_outputs",
+                     "image_hidden_states", "image_embeds", "video_embeds")
+VISION_MASK_KWARG = "pmod_vision_mask"
+
+
+def _has_value(value) -> bool:
+    if isinstance(value, dict):
+        return any(_has_value(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0
+    return value is not None
+
+
+def carries_vision(kwargs: dict) -> bool:
+    """Whether a forward's kwargs carry image/video features (see ``VISION_INPUT_KEYS``)."""
+    return any(_has_value(kwargs.get(key)) for key in VISION_INPUT_KEYS)
+
+
+def packed_segments(position_ids) -> torch.Tensor | None:
+    """Sample index ``[batch, seq]`` of each token of padding-free packed rows, or None if no row is packed.
+
+    ``position_ids``: ``[batch, seq]`` or multimodal-rotary ``[k, batch, seq]`` (the first plane is used). A new
+    sample starts wherever the position decreases (a left-padding run before a sample counts as its own
+    segment: it holds no vision token, so budgets are unchanged).
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() not in (2, 3) or position_ids.shape[-1] < 2:
+        return None
+    pos = position_ids[0] if position_ids.dim() == 3 else position_ids
+    restart = pos[:, 1:] < pos[:, :-1]
+    if not bool(restart.any()):
+        return None
+    return torch.cat([torch.zeros_like(restart[:, :1]), restart], 1).long().cumsum(1)
+
+
 class RoutingContext:
     """Filled by a forward pre-hook on the multimodal base model (``model.model``) at every call.
 
     The hook is a bound method of this object, not a closure: ``copy.deepcopy`` of the model then
     copies the context together with the layers that read it, so a copy never routes with the
-    original's mask. MoD layers read ``targets_for(hidden_states)``.
+    original's mask. MoD layers call ``route_call(layer_idx, hidden_states)``.
+
+    Targets (``is_target``, ``[batch, seq]`` bool) of one call are, in this order:
+
+    * ``pmod_vision_mask`` (a forward/generate kwarg, popped here): True at vision positions, ``[batch, L]``
+      over logical positions ``0..L-1`` (with a cache, the call's tokens are positions ``past..past+seq-1``;
+      positions past ``L``, e.g. generated tokens, are text). Needed for ``inputs_embeds`` holding merged
+      image features;
+    * ``input_ids`` in the vision ids, if the call carries image/video features (``VISION_INPUT_KEYS``),
+      else none (a decode step that generated a vision id routes nothing);
+    * ``inputs_embeds`` only, with features to merge: positions holding a placeholder's embedding.
+    ``inputs_embeds`` without ids, features or ``pmod_vision_mask`` raise :class:`~pmod_convert.errors.PmodError`
+    (merged image features cannot be told from text).
+
+    The guard: a forward-hook on the same module checks, after each call that has vision targets, that
+    every MoD layer routed in it (``route_call``); a layer that ran some other forward (an accelerate hook
+    keeping the dense ``forward``, a wrapper) raises ``PmodError`` instead of a quiet dense result.
 
     ``disabled`` (a nesting depth, see :func:`routing_disabled`): while positive, MoD layers run the
-    dense computation and the hook leaves the recorded targets of the last routed call untouched.
+    dense computation, the guard is off, and the hook leaves the targets of the last routed call untouched.
     """
 
     def __init__(self, target_token_ids: list[int]):
         self.target_token_ids = [int(i) for i in target_token_ids]
         self.is_target: torch.Tensor | None = None
+        self.segments: torch.Tensor | None = None  # [batch, seq] sample index of packed rows, else None
         self.disabled = 0
+        self.layer_ids: set[int] = set()  # decoder layer indices of the MoD layers reading this context
         self._embedding: nn.Module | None = None
+        self._in_call = False
+        self._vision_in_call = 0
+        self._routed: set[int] = set()
 
-    def attach(self, base_model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    def attach(self, base_model: nn.Module) -> tuple[torch.utils.hooks.RemovableHandle, ...]:
+        """Register the capture pre-hook and the guard forward-hook on ``base_model``; returns both handles."""
         self._embedding = base_model.get_input_embeddings() if hasattr(base_model, "get_input_embeddings") else None
-        return base_model.register_forward_pre_hook(self.capture, with_kwargs=True)
+        return (base_model.register_forward_pre_hook(self.capture, with_kwargs=True),
+                base_model.register_forward_hook(self.check))
 
-    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def register(self, layer_idx: int) -> None:
+        self.layer_ids.add(int(layer_idx))
+
+    # ---- per call (run eagerly under torch.compile: they read and write Python state) ------------------
+    @torch.compiler.disable
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict):
+        explicit = kwargs.pop(VISION_MASK_KWARG, None)
         if self.disabled:
-            return
+            return args, kwargs
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is not None:
-            ids = torch.tensor(self.target_token_ids, device=input_ids.device, dtype=input_ids.dtype)
-            self.is_target = torch.isin(input_ids, ids)
-            return
         embeds = kwargs.get("inputs_embeds")
-        if embeds is not None and self._embedding is not None:
-            # Without ids, a placeholder is recognised by its embedding (what the processor inserted).
+        reference = input_ids if input_ids is not None else embeds
+        self.segments = packed_segments(kwargs.get("position_ids"))
+        if explicit is not None:
+            self.is_target = self._explicit_targets(explicit, reference, kwargs.get("past_key_values"))
+        elif input_ids is not None:
+            if carries_vision(kwargs):
+                ids = torch.tensor(self.target_token_ids, device=input_ids.device, dtype=input_ids.dtype)
+                self.is_target = torch.isin(input_ids, ids)
+            else:
+                self.is_target = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        elif embeds is not None:
+            if not carries_vision(kwargs) or self._embedding is None:
+                from ..errors import PmodError
+
+                raise PmodError(
+                    "an MoD model got inputs_embeds without input_ids or image inputs and cannot tell merged vision "
+                    f"features from text; pass {VISION_MASK_KWARG}=<bool [batch, seq], True at vision tokens> "
+                    "(all False for text only) or input_ids")
+            # Features still to be merged: a placeholder is recognised by its embedding (what the processor inserted).
             ids = torch.tensor(self.target_token_ids, device=embeds.device)
-            placeholder = self._embedding(ids).to(embeds.dtype)  # [n_ids, hidden]
+            placeholder = self._embedding(ids).to(device=embeds.device, dtype=embeds.dtype)  # [n_ids, hidden]
             self.is_target = (embeds.unsqueeze(-2) == placeholder).all(-1).any(-1)
+        else:
+            self.is_target = None
+        self._vision_in_call = int(self.is_target.sum()) if self.is_target is not None else 0
+        self._routed = set()
+        self._in_call = True
+        return args, kwargs
+
+    def _explicit_targets(self, mask, reference, cache) -> torch.Tensor:
+        from ..errors import PmodError
+
+        if reference is None:
+            raise PmodError(f"{VISION_MASK_KWARG} was given without input_ids or inputs_embeds")
+        batch, seq = reference.shape[:2]
+        mask = torch.as_tensor(mask, device=reference.device).bool()
+        if mask.dim() != 2 or mask.shape[0] != batch:
+            raise PmodError(f"{VISION_MASK_KWARG} must be a bool tensor [batch={batch}, seq], got {tuple(mask.shape)}")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if past == 0 and mask.shape[1] != seq:
+            raise PmodError(f"{VISION_MASK_KWARG} covers {mask.shape[1]} positions but the input has {seq} tokens")
+        window = mask[:, past:past + seq]  # positions beyond the mask (generated tokens) are text
+        if window.shape[1] < seq:
+            window = torch.cat([window, window.new_zeros(batch, seq - window.shape[1])], 1)
+        return window
+
+    @torch.compiler.disable
+    def check(self, module: nn.Module, args: tuple, output) -> None:
+        """Forward hook: every MoD layer must have routed a call that had vision targets."""
+        in_call, self._in_call = self._in_call, False
+        if self.disabled or not in_call or not self._vision_in_call:
             return
-        self.is_target = None
+        missing = sorted(self.layer_ids - self._routed)
+        if missing:
+            from ..errors import PmodError
+
+            raise PmodError(
+                f"MoD layers {missing} did not route a forward with {self._vision_in_call} vision tokens: they ran "
+                "another forward (e.g. an accelerate hook or wrapper keeping the dense forward). Load with "
+                "pmod_convert.load_pretrained, or use pmod_convert.mod.context.routing_disabled(model) to run dense")
+
+    @torch.compiler.disable
+    def route_call(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """What an MoD layer routes: ``targets_for(hidden_states)``, and records that the layer routed."""
+        targets = self.targets_for(hidden_states)
+        if self._in_call:
+            self._routed.add(int(layer_idx))
+        return targets
 
     def targets_for(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """The target mask ``[batch, seq]`` for these hidden states, or None (route nothing)."""
+        """The target mask ``[batch, seq]`` for these hidden states, or None (route nothing).
+
+        Raises ``PmodError`` when the call has vision targets recorded for another shape (routing would
+        silently be off).
+        """
         if self.disabled:
             return None
         mask = self.is_target
-        if mask is None or mask.shape != hidden_states.shape[:2]:
+        if mask is None:
+            return None
+        if mask.shape != hidden_states.shape[:2]:
+            if self._in_call and self._vision_in_call:
+                from ..errors import PmodError
+
+                raise PmodError(f"MoD layer got hidden states {tuple(hidden_states.shape[:2])} but the forward's "
+                                f"vision mask is {tuple(mask.shape)}; cannot route")
             return None
         return mask.to(hidden_states.device)
+
+    def segments_for(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Sample index ``[batch, seq]`` of packed rows (per-sample budgets), or None."""
+        seg = self.segments
+        if self.disabled or seg is None or seg.shape != hidden_states.shape[:2]:
+            return None
+        return seg.to(hidden_states.device)
 
 
 def routing_contexts(model: nn.Module) -> list[RoutingContext]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+import types
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import PmodError
@@ -41,14 +43,48 @@ def convert_layer(layer: nn.Module, ratio: float, context: RoutingContext, *, hi
         param = next((p for p in layer.parameters() if p.is_floating_point()), next(layer.parameters()))
         layer.__class__ = mod_class_for(type(layer))
         layer.add_module(ROUTER_NAME, TanhNormRouter(hidden_size, alpha=alpha, beta=beta, bias=bias,
-                                                     dtype=param.dtype, device=param.device))
+                                                     dtype=param.dtype, device=router_device(layer)))
         layer.mlp.register_forward_hook(layer._pmod_capture_mlp)
         layer._pmod_capturing, layer._pmod_mlp_out = False, None
+    _route_under_accelerate(layer)
     router = getattr(layer, ROUTER_NAME)
     router.alpha, router.beta = float(alpha), float(beta)
     layer.pmod_ratio = float(ratio)
     layer._pmod_context = context
+    context.register(layer.pmod_layer_idx)
     return layer
+
+
+def router_device(layer: nn.Module) -> torch.device:
+    """Where a new router of ``layer`` lives: the device the layer computes on, never ``meta``.
+
+    Under an accelerate device map with CPU/disk offload, the layer's weights sit on ``meta`` between calls
+    and its hooks load them onto their ``execution_device`` for each call; the (tiny) router stays resident
+    on that execution device. Raises ``PmodError`` when no real device can be found.
+    """
+    devices = []
+    for module in layer.modules():
+        hook = getattr(module, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            devices.append(torch.device(device if not isinstance(device, int) else f"cuda:{device}"))
+    devices += [p.device for p in layer.parameters()]
+    for device in devices:
+        if device.type != "meta":
+            return device
+    raise PmodError(f"{type(layer).__name__} has its weights on the meta device and no accelerate hook that "
+                    "says where it runs; load the model with real weights (or a device_map) before add_routers")
+
+
+def _route_under_accelerate(layer: nn.Module) -> None:
+    """Make an accelerate-hooked layer call the MoD forward.
+
+    ``add_hook_to_module`` (device maps, offload) stores the bound ``forward`` of the layer *at hook time* as
+    ``_old_forward`` and calls it from the hooked ``forward``: after the class swap that is still the dense
+    decoder forward. Rebind it to the MoD forward (the hook's device alignment and offload stay in place).
+    """
+    if "_old_forward" in layer.__dict__:
+        layer._old_forward = types.MethodType(type(layer).forward, layer)
 
 
 def check_attention(config: Any) -> None:

@@ -43,7 +43,7 @@ class MoDLayerMixin:
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         batch, seq, _ = hidden_states.shape
-        targets = self._pmod_context.targets_for(hidden_states)
+        targets = self._pmod_context.route_call(self.pmod_layer_idx, hidden_states)
         cache_layer = mod_cache_layer(cache, self.pmod_layer_idx) if use_cache or cache is not None else None
         past = cache_layer.get_seq_length() if cache_layer is not None else 0
         past_compressed = cache_layer is not None and cache_layer.compressed
@@ -53,7 +53,8 @@ class MoDLayerMixin:
             logits = router.logits(hidden_states)
             weights = router.token_weights(logits).to(hidden_states.dtype)
             with torch.no_grad():
-                keep = select_tokens(logits, targets, self.pmod_ratio)
+                keep = select_tokens(logits, targets, self.pmod_ratio,
+                                     segments=self._pmod_context.segments_for(hidden_states))
                 # Per row: target tokens seen and kept in this call (read by retention reports).
                 self.pmod_last_counts = (targets.sum(1), (keep & targets).sum(1))
         else:
@@ -61,6 +62,12 @@ class MoDLayerMixin:
             keep = torch.ones(batch, seq, dtype=torch.bool, device=hidden_states.device)
             self.pmod_last_counts = None
         gather = Gather.from_keep(keep)
+        if targets is not None and gather.index.shape[1] == 0:
+            # Every token of every row is a skipped target (e.g. a 1-token step keeping floor(ratio * 1) = 0):
+            # the layer is not run at all; the cache advances its logical length with no entry.
+            if cache_layer is not None:
+                cache_layer.skip(seq)
+            return torch.where(targets.unsqueeze(-1), weights.unsqueeze(-1) * hidden_states, hidden_states)
 
         call_kwargs = dict(kwargs, use_cache=use_cache)
         if cache is not None:

@@ -7,19 +7,37 @@ from dataclasses import dataclass
 import torch
 
 
-def select_tokens(logits: torch.Tensor, targets: torch.Tensor, ratio: float) -> torch.Tensor:
+def select_tokens(logits: torch.Tensor, targets: torch.Tensor, ratio: float,
+                  segments: torch.Tensor | None = None) -> torch.Tensor:
     """Keep mask ``[batch, seq]``: every non-target token, plus the top ``floor(ratio * n)`` targets per row.
 
+    ``logits`` ``[batch, seq]``, ``targets`` ``[batch, seq]`` bool. ``segments`` (optional, ``[batch, seq]``
+    long, non-decreasing along each row): the sample index of each token of padding-free packed rows; the
+    budget is then ``floor(ratio * n)`` per sample, chosen among that sample's targets only, exactly as if
+    the sample were alone.
     A stable descending sort breaks ties (a fresh zero router gives all-equal logits) by original
     order, the same way at every sequence length, so cached and uncached runs keep the same tokens.
     """
-    n_targets = targets.sum(1)
-    k = torch.floor(n_targets.to(torch.float64) * ratio + 1e-6).long().clamp(max=n_targets)
     scores = logits.float().masked_fill(~targets, float("-inf"))
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     positions = torch.arange(logits.shape[1], device=logits.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return ~targets | (rank < k.unsqueeze(1))
+    if segments is None:
+        n_targets = targets.sum(1)
+        k = torch.floor(n_targets.to(torch.float64) * ratio + 1e-6).long().clamp(max=n_targets)
+        rank = torch.empty_like(order).scatter_(1, order, positions)
+        return ~targets | (rank < k.unsqueeze(1))
+    segments = segments.long()
+    # Group the score order by sample (stable, so each sample keeps its own score order).
+    order = order.gather(1, torch.sort(segments.gather(1, order), dim=1, stable=True).indices)
+    n_segments = int(segments.max()) + 1
+    seg_len = torch.zeros(segments.shape[0], n_segments, dtype=torch.long, device=segments.device)
+    seg_len.scatter_add_(1, segments, torch.ones_like(segments))
+    start = seg_len.cumsum(1) - seg_len  # [batch, n_segments] first slot of each sample in the grouped order
+    pos_in_segment = positions - start.gather(1, segments.gather(1, order))
+    rank = torch.empty_like(order).scatter_(1, order, pos_in_segment)
+    n_targets = torch.zeros_like(seg_len).scatter_add_(1, segments, targets.long())
+    k = torch.floor(n_targets.to(torch.float64) * ratio + 1e-6).long().clamp(max=n_targets)
+    return ~targets | (rank < k.gather(1, segments))
 
 
 @dataclass
