@@ -16,7 +16,7 @@ from . import __version__
 from .adapters import ArchitectureAdapter, get_adapter
 from .checkpoint import atomic_folder, copy_processor_files, read_config, read_router_tensors
 from .errors import CheckpointError, RecipeError
-from .mod.context import RoutingContext
+from .mod.context import RoutingContext, accept_vision_mask
 from .mod.inject import check_attention, convert_layer
 from .mod.layer import MoDLayerMixin
 from .mod.router import ROUTER_NAME
@@ -63,6 +63,7 @@ def _apply(model: nn.Module, adapter: ArchitectureAdapter, ratios: list[float | 
         context = RoutingContext(adapter.vision_token_ids(model.config))
         model._pmod_context = context
         model._pmod_hook = context.attach(_routing_root(model, adapter))
+        accept_vision_mask(model)  # generate(..., pmod_vision_mask=...)
     hidden = adapter.text_config(model.config).hidden_size
     for index, (layer, ratio) in enumerate(zip(layers, ratios)):
         if ratio is None:

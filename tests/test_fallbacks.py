@@ -212,3 +212,114 @@ def test_device_map_with_cpu_and_disk_offload_routes_like_one_device(tmp_path):
     kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=list(range(RESERVED)))
     with torch.no_grad():
         assert torch.equal(offloaded.generate(**inputs, **kw), one.generate(**inputs, **kw))
+
+
+# ---- inputs_embeds with merged image features ----------------------------------------------------
+def merged_embeds(model, inputs):
+    """The inputs_embeds the language model receives (image features already merged), captured from a forward."""
+    seen = {}
+    lm = getattr(model.model, "language_model", None) or model.model.text_model
+    handle = lm.register_forward_pre_hook(lambda m, a, kw: seen.update(e=kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        logits_of(model, inputs)
+    finally:
+        handle.remove()
+    return seen["e"]
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_inputs_embeds_with_merged_features_needs_a_vision_mask(family):
+    mod, config = mod_model(family)
+    inputs = batch_inputs(family, config)
+    embeds = merged_embeds(mod, inputs)
+    vision = torch.isin(inputs["input_ids"], torch.tensor(mod._pmod_context.target_token_ids))
+    ref = logits_of(mod, inputs)
+    plain = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
+    with pytest.raises(PmodError, match="pmod_vision_mask"):
+        logits_of(mod, plain)
+    torch.testing.assert_close(logits_of(mod, plain, pmod_vision_mask=vision), ref, rtol=1e-5, atol=1e-5)
+    kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=list(range(RESERVED)))
+    with torch.no_grad():
+        expected = mod.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
+        got = mod.generate(**plain, pmod_vision_mask=vision, **kw)
+        with pytest.raises(PmodError, match="pmod_vision_mask"):
+            mod.generate(**plain, **kw)
+    assert torch.equal(got[:, -expected.shape[1]:], expected)
+    text = {"inputs_embeds": embeds[:, -3:], "attention_mask": inputs["attention_mask"][:, -3:]}
+    logits_of(mod, text, pmod_vision_mask=torch.zeros(2, 3, dtype=torch.bool))  # text only, said so
+
+
+def test_inputs_embeds_with_placeholders_and_pixels_still_route():
+    mod, config = mod_model()
+    inputs = batch_inputs("llava", config)
+    ref = logits_of(mod, inputs)
+    ids = inputs.pop("input_ids")
+    out = logits_of(mod, dict(inputs, inputs_embeds=mod.get_input_embeddings()(ids)))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert routed_layers(mod) == [0, 1, 3]
+
+
+# ---- generated tokens equal to a vision id are text ------------------------------------------------
+class ForceFirst:
+    """Logits processor forcing token ``token`` at the first generated position."""
+
+    def __init__(self, token, prompt_len):
+        self.token, self.prompt_len = token, prompt_len
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_len:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.token] = 0
+        return scores
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+def test_generated_vision_id_is_not_routed(family):
+    from transformers import LogitsProcessorList
+
+    mod, config = mod_model(family, layers=(0, 2))
+    inputs = batch_inputs(family, config)
+    vision_id = mod._pmod_context.target_token_ids[0]
+    force = LogitsProcessorList([ForceFirst(vision_id, inputs["input_ids"].shape[1])])
+    with torch.no_grad():
+        out = mod.generate(**inputs, max_new_tokens=3, do_sample=False, logits_processor=force)
+    assert (out[:, inputs["input_ids"].shape[1]] == vision_id).all()
+
+
+def test_a_step_whose_every_token_is_a_skipped_target_still_works():
+    mod, config = mod_model(layers=(0, 2))
+    inputs = batch_inputs("llava", config)
+    seq = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = mod(**inputs, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        vision = torch.ones(2, seq + 1, dtype=torch.bool)
+        step = mod(input_ids=nxt, attention_mask=mask, past_key_values=out.cache, use_cache=True,
+                   pmod_vision_mask=vision)
+    assert torch.isfinite(step.logits).all()
+    layer0 = step.cache.layers[0]
+    assert layer0.get_seq_length() == seq + 1 and layer0.physical_length() < seq  # nothing stored for the step
+
+
+# ---- padding-free packed rows -------------------------------------------------------------------
+def test_packed_row_budgets_per_sample_like_samples_alone():
+    from conftest import single_rows
+
+    mod, config = mod_model()
+    rows = single_rows("llava", config)
+    alone = []
+    for row in rows:
+        n = row["input_ids"].shape[1]
+        alone.append(logits_of(mod, {"input_ids": row["input_ids"], "pixel_values": row["pixel_values"],
+                                     "position_ids": torch.arange(n)[None]}, use_cache=False)[0])
+    packed = {
+        "input_ids": torch.cat([r["input_ids"] for r in rows], 1),
+        "pixel_values": torch.cat([r["pixel_values"] for r in rows], 0),
+        "position_ids": torch.cat([torch.arange(r["input_ids"].shape[1]) for r in rows])[None],
+    }
+    out = logits_of(mod, packed, use_cache=False)[0]  # transformers builds per-sample masks without a cache
+    start = 0
+    for ref in alone:
+        torch.testing.assert_close(out[start:start + ref.shape[0]], ref, rtol=1e-5, atol=1e-5)
+        start += ref.shape[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 
 import torch
@@ -104,7 +105,8 @@ class RoutingContext:
         reference = input_ids if input_ids is not None else embeds
         self.segments = packed_segments(kwargs.get("position_ids"))
         if explicit is not None:
-            self.is_target = self._explicit_targets(explicit, reference, kwargs.get("past_key_values"))
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            self.is_target = self._explicit_targets(explicit, reference, cache)
         elif input_ids is not None:
             if carries_vision(kwargs):
                 ids = torch.tensor(self.target_token_ids, device=input_ids.device, dtype=input_ids.dtype)
@@ -196,6 +198,18 @@ class RoutingContext:
         if self.disabled or seg is None or seg.shape != hidden_states.shape[:2]:
             return None
         return seg.to(hidden_states.device)
+
+
+def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+    # generate() checks its kwargs against forward's signature (on a copy): let pmod_vision_mask through.
+    model_kwargs.pop(VISION_MASK_KWARG, None)
+    return type(self)._validate_model_kwargs(self, model_kwargs)
+
+
+def accept_vision_mask(model: nn.Module) -> None:
+    """Let ``model.generate`` take ``pmod_vision_mask`` (it reaches the routing hook with every step's kwargs)."""
+    if hasattr(type(model), "_validate_model_kwargs") and "_validate_model_kwargs" not in model.__dict__:
+        model._validate_model_kwargs = types.MethodType(_validate_model_kwargs, model)
 
 
 def routing_contexts(model: nn.Module) -> list[RoutingContext]:
