@@ -14,7 +14,14 @@ from torch import nn
 
 from . import __version__
 from .adapters import ArchitectureAdapter, get_adapter
-from .checkpoint import atomic_folder, copy_processor_files, read_config, read_router_tensors
+from .checkpoint import (
+    atomic_folder,
+    check_replaceable,
+    copy_processor_files,
+    read_config,
+    read_router_tensors,
+    require_safetensors,
+)
 from .errors import CheckpointError, RecipeError
 from .mod.context import RoutingContext, accept_vision_mask
 from .mod.inject import check_attention, convert_layer
@@ -113,14 +120,19 @@ def save_pretrained(model: nn.Module, path: str | Path, *, source: str | Path | 
                     recipe: Recipe | None = None, overwrite: bool = False) -> Path:
     """Write an MoD model as an HF folder (safetensors, config with a ``pmod`` section, recipe.yaml).
 
-    ``source``: a checkpoint folder whose processor/tokenizer files are copied over.
-    The folder is written to a temporary sibling and moved into place only when complete.
+    ``source``: a checkpoint folder whose processor/tokenizer files are copied over (never its Python files,
+    ``auto_map`` entries or links pointing outside it). The folder is written to a temporary sibling and moved
+    into place only when complete; ``overwrite`` replaces only an earlier pmod-convert output, never ``source``,
+    a folder holding it, or the current directory.
+
+    Raises:
+        CheckpointError: the model has no MoD layers, or ``path`` exists and may not be replaced.
     """
     if getattr(model.config, "pmod", None) is None:
         raise CheckpointError("this model has no MoD layers; call pmod_convert.add_routers(model, recipe) first")
     if recipe is None:
         recipe = recipe_from_config(model.config.pmod)
-    with atomic_folder(path, overwrite=overwrite) as tmp:
+    with atomic_folder(path, overwrite=overwrite, protect=() if source is None else (source,)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if source is not None:
             copy_processor_files(source, tmp)
@@ -158,15 +170,26 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
 
 
 def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
-               attn_implementation: str | None = None, quantization_config: Any = None) -> nn.Module:
+               attn_implementation: str | None = None, quantization_config: Any = None,
+               allow_pickle: bool = False) -> nn.Module:
     """Load a supported multimodal checkpoint folder with transformers (no routing).
 
     ``quantization_config`` (e.g. a ``BitsAndBytesConfig``) quantizes while loading; a folder written
-    quantized carries its own in config.json.
+    quantized carries its own in config.json. The family is checked on config.json before transformers
+    is called, the checkpoint's own code is never run (``trust_remote_code=False``), and weights are read
+    from safetensors only unless ``allow_pickle``.
+
+    Raises:
+        CheckpointError: the folder, config.json or weights are missing, corrupt or pickle-only.
+        UnsupportedArchitecture: the ``model_type`` is not a supported family.
+        RecipeError: ``dtype`` is not a known dtype.
     """
     config = read_config(path)
     adapter = get_adapter(config)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
+    safetensors = require_safetensors(path, allow_pickle)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": False}
+    if safetensors:
+        kwargs["use_safetensors"] = True
     if device_map is not None:
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
@@ -184,13 +207,19 @@ def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_
 
 def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
                     attn_implementation: str | None = None, adapter: bool = True,
-                    quantization_config: Any = None) -> nn.Module:
+                    quantization_config: Any = None, allow_pickle: bool = False) -> nn.Module:
     """Load a pmod checkpoint folder: the transformers model with its MoD layers and trained routers.
 
     If the folder holds a finetune sidecar (``pmod_adapter/``) and ``adapter`` is true, its routers
     replace the base routers and its LoRA adapter is applied (the result is then a ``PeftModel``).
     Exported folders (``pmod-convert export``) are checked against their ``pmod_manifest.json`` first;
-    quantized ones load as bitsandbytes models (on CUDA when present).
+    quantized ones load as bitsandbytes models (on CUDA when present). ``allow_pickle``: accept
+    ``pytorch_model.bin`` / ``adapter_model.bin`` weights (safetensors only by default).
+
+    Raises:
+        CheckpointError: not a pmod checkpoint, written by a newer version, files missing / corrupt /
+            pickle-only, or the manifest of an exported folder does not match.
+        UnsupportedArchitecture: the ``model_type`` is not a supported family.
     """
     from .export.manifest import verify_manifest
 
@@ -203,28 +232,31 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     if pmod.get("format", 0) > PMOD_FORMAT:
         raise CheckpointError(f"{path} was written by a newer pmod-convert (format {pmod['format']}); upgrade pmod-convert")
     model = load_dense(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
-                       quantization_config=quantization_config)
+                       quantization_config=quantization_config, allow_pickle=allow_pickle)
     recipe = recipe_from_config(pmod)
     _apply(model, get_adapter(model), list(pmod["layer_ratios"]), recipe.router)
     model.config.pmod = pmod
     _load_router_weights(model, path)
     if adapter and has_sidecar(path):
-        model = load_sidecar(model, path)
+        model = load_sidecar(model, path, allow_pickle=allow_pickle)
         model.eval()
     return model
 
 
-def load_any(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
-             ) -> nn.Module:
+def load_any(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+             allow_pickle: bool = False) -> nn.Module:
     """A pmod checkpoint with its routing (and finetune sidecar), or a dense checkpoint as it is, on ``device``.
 
     For commands that take either kind (eval, generate). ``device``: cpu / cuda; None: transformers' default.
+
+    Raises:
+        CheckpointError / UnsupportedArchitecture: as :func:`load_pretrained` and :func:`load_dense`.
     """
     pmod = read_config(path).get("pmod")
     # CPU is transformers' default placement; an explicit CPU map would make quantized models refuse to load.
     device_map = {"": str(device)} if device is not None and torch.device(device).type != "cpu" else None
     load = load_pretrained if isinstance(pmod, dict) else load_dense
-    return load(path, dtype=dtype, device_map=device_map)
+    return load(path, dtype=dtype, device_map=device_map, allow_pickle=allow_pickle)
 
 
 def _load_router_weights(model: nn.Module, path: str | Path) -> None:
@@ -232,8 +264,17 @@ def _load_router_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def convert(source: str | Path, out: str | Path, recipe: Recipe | None = None, *,
-            overwrite: bool = False) -> Path:
-    """``pmod-convert add-routers``: load SOURCE, add routers per ``recipe``, write OUT."""
+            overwrite: bool = False, allow_pickle: bool = False) -> Path:
+    """``pmod-convert add-routers``: load SOURCE, add routers per ``recipe``, write OUT.
+
+    ``overwrite`` replaces only an earlier pmod-convert output (never SOURCE, a folder holding it or the current
+    directory); ``allow_pickle`` accepts ``pytorch_model.bin`` weights (safetensors only by default).
+
+    Raises:
+        CheckpointError: SOURCE is missing / corrupt / pickle-only, or OUT exists and may not be replaced.
+        UnsupportedArchitecture: SOURCE is not a supported family.
+        RecipeError: the recipe does not fit the model.
+    """
     recipe = (recipe or Recipe()).validate()
     config = read_config(source)
     adapter = get_adapter(config)
@@ -243,6 +284,7 @@ def convert(source: str | Path, out: str | Path, recipe: Recipe | None = None, *
         recipe.schedule.layer_ratios(depth)  # fail on a bad schedule before loading any weight
     if Path(out).exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
-    model = load_dense(source, dtype=recipe.dtype)
+    check_replaceable(out, protect=(source,))
+    model = load_dense(source, dtype=recipe.dtype, allow_pickle=allow_pickle)
     add_routers(model, recipe)
     return save_pretrained(model, out, source=source, recipe=recipe, overwrite=overwrite)

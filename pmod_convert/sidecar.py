@@ -79,8 +79,16 @@ def save_sidecar(model: nn.Module, checkpoint: str | Path, *, summary: dict[str,
     return dest
 
 
-def load_sidecar(model: nn.Module, checkpoint: str | Path, *, is_trainable: bool = False) -> nn.Module:
-    """Apply ``checkpoint/pmod_adapter`` to an MoD model: routers loaded, LoRA wrapped with peft."""
+def load_sidecar(model: nn.Module, checkpoint: str | Path, *, is_trainable: bool = False,
+                 allow_pickle: bool = False) -> nn.Module:
+    """Apply ``checkpoint/pmod_adapter`` to an MoD model: routers loaded, LoRA wrapped with peft.
+
+    The LoRA weights must be ``adapter_model.safetensors`` (``adapter_model.bin`` only with ``allow_pickle``);
+    peft is only ever called on a local folder that holds them, so it never falls back to a Hub download.
+
+    Raises:
+        CheckpointError: sidecar.json, the routers or the adapter files are missing, corrupt or pickle-only.
+    """
     folder = Path(checkpoint) / SIDECAR_DIR
     try:
         info = json.loads((folder / SIDECAR_FILE).read_text())
@@ -98,6 +106,14 @@ def load_sidecar(model: nn.Module, checkpoint: str | Path, *, is_trainable: bool
 
         if not (folder / "adapter_config.json").is_file():
             raise CheckpointError(f"{folder} says it holds a LoRA adapter but adapter_config.json is missing")
+        if not (folder / "adapter_model.safetensors").is_file():
+            if not (folder / "adapter_model.bin").is_file():
+                raise CheckpointError(f"{folder} says it holds a LoRA adapter but adapter_model.safetensors is "
+                                      "missing; finetune again or restore the file")
+            if not allow_pickle:
+                raise CheckpointError(f"{folder} holds its LoRA adapter only as pickle weights (adapter_model.bin), "
+                                      "which pmod-convert does not load; convert it to adapter_model.safetensors, "
+                                      "or pass --allow-pickle if you trust the file")
         with peft_quietly():
             model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
     return model

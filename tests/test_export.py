@@ -24,7 +24,7 @@ from pmod_convert import (
 )
 from pmod_convert.adapters import adapter_by_family
 from pmod_convert.api import load_dense
-from pmod_convert.checkpoint import router_key
+from pmod_convert.checkpoint import OUTPUT_MARKER, router_key
 from pmod_convert.cli import app
 from pmod_convert.export import (
     MANIFEST_NAME,
@@ -218,9 +218,12 @@ def test_interrupted_export_leaves_no_out(where, source, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither OUT nor its temporary / staging folders
     if where != "quantize_folder":
         return
-    # an existing OUT survives a failed --overwrite untouched
+    # an existing OUT survives a failed --overwrite untouched (an earlier output of ours: others are refused)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("old")
+    with pytest.raises(CheckpointError, match="not written by pmod-convert"):
+        export(source[0], tmp_path / "out", quantize="nf4", overwrite=True, progress=False)
+    (tmp_path / "out" / OUTPUT_MARKER).write_text("")
     with pytest.raises(KeyboardInterrupt):
         export(source[0], tmp_path / "out", quantize="nf4", overwrite=True, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "keep.txt").read_text() == "old"

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..adapters import get_adapter
 from ..api import add_routers, load_dense, save_pretrained
-from ..checkpoint import atomic_folder, read_config
+from ..checkpoint import atomic_folder, check_replaceable, read_config, update_in_place
 from ..data import DataError, SampleEncoder, model_inputs, read_samples
 from ..devices import resolve_device, to_device
 from ..efficiency import TextShape, vision_tower_flops_for_tokens
@@ -83,6 +83,17 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     (one least-squares fit per signal in ``router_targets``; a validation part of the fit split keeps,
     per layer, the fit or the zero router, whichever agrees better with the dense model); else zero
     routers. Same inputs and ``seed``: the same report.
+
+    In place (``out`` None), only the files calibrate writes are replaced (each atomically, config.json last):
+    subfolders, notes and other files of the checkpoint stay; a dense checkpoint is never converted in place.
+    With ``out``, ``overwrite`` replaces only an earlier pmod-convert output, never CHECKPOINT or a folder
+    holding it.
+
+    Raises:
+        RecipeError: invalid options or budget. DataError: unusable calibration data.
+        CheckpointError: CHECKPOINT is missing / corrupt / holds a sidecar, is dense and no ``out`` is given,
+            or ``out`` exists and may not be replaced.
+        UnsupportedArchitecture: CHECKPOINT is not a supported family.
     """
     _check_options(schedule, layer_selection, shape, profile, samples, holdout, seed)
     device = resolve_device(device) if device is not None else None
@@ -97,8 +108,13 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
                               "or export/merge the finetuned model first")
     dest = Path(out) if out is not None else checkpoint
     in_place = dest.resolve() == checkpoint.resolve()
+    if in_place and not isinstance(config.get("pmod"), dict):
+        raise CheckpointError(f"{checkpoint} is a dense checkpoint and calibrate would convert it in place; pass "
+                              "--out NEW_FOLDER to write the calibrated copy there")
     if not in_place and dest.exists() and not overwrite:
         raise CheckpointError(f"{dest} already exists; choose another --out or pass --overwrite")
+    if not in_place:
+        check_replaceable(dest, protect=(checkpoint,))
     router = _router_settings(config)
     max_ratio = prd.DEFAULT_MAX_RATIO if max_ratio is None else float(max_ratio)
     min_ratio = prd.DEFAULT_MIN_RATIO if min_ratio is None else float(min_ratio)
@@ -186,7 +202,12 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
                      warm_start=warm_start, include_vision_tower=include_vision_tower, max_ratio=max_ratio,
                      min_ratio=min_ratio, samples=samples, holdout=holdout, rank_rows=rank_rows,
                      rank_rtol=rank_rtol, logit_std=logit_std, router_targets=list(router_targets))))
-    with atomic_folder(dest, overwrite=True if in_place else overwrite) as tmp:
+    if in_place:  # replace only what an earlier save wrote: other shards of the weights may disappear
+        earlier = [p.name for p in dest.glob("model*.safetensors")] + ["model.safetensors.index.json"]
+        writer = update_in_place(dest, written=earlier)
+    else:
+        writer = atomic_folder(dest, overwrite=overwrite, protect=(checkpoint,))
+    with writer as tmp:
         save_pretrained(model, tmp, source=checkpoint, recipe=recipe, overwrite=True)
         write_report(tmp, report)
     return CalibrationResult(path=dest, schedule=solution.settings, ratios=solution.ratios, report=report)

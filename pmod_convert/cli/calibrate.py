@@ -18,7 +18,8 @@ def calibrate_cmd(
     image_folder: Annotated[Optional[Path], typer.Option(
         "--image-folder", help="Folder the rows' image paths are relative to (default: the data file's folder).")] = None,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Write the calibrated checkpoint here (default: update CHECKPOINT in place, atomically).")] = None,
+        "--out", "-o", help="Write the calibrated checkpoint here (default: update a pmod CHECKPOINT in place, replacing "
+                            "only the files calibrate writes; a dense CHECKPOINT needs --out).")] = None,
     target_flops: Annotated[Optional[float], typer.Option(
         "--target-flops", help="Budget: decoder FLOPs of the MoD model / dense model, e.g. 0.6.")] = None,
     target_kv: Annotated[Optional[float], typer.Option(
@@ -43,7 +44,8 @@ def calibrate_cmd(
     min_ratio: MinOpt = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Run the model here, e.g. cuda:0 (default: cpu).")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | float16 | bfloat16")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace --out if it is an earlier pmod-convert output (never CHECKPOINT).")] = False,
 ) -> None:
     """Fit the PRD schedule to a FLOPs or KV-cache budget on calibration data, choose MoD layers from measured
     redundancy, warm-start the routers; write the checkpoint, calibration_report.json and plots."""

@@ -48,6 +48,12 @@ AlphaOpt = Annotated[Optional[float], typer.Option("--tanh-alpha", help="TanhNor
 BetaOpt = Annotated[Optional[float], typer.Option("--tanh-beta", help="TanhNorm beta (1.0).")]
 
 
+# ---- shared safety options ---------------------------------------------------------------------
+AllowPickleOpt = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Also load pickle weights (pytorch_model.bin, adapter_model.bin); only for files you "
+                           "trust (default: safetensors only).")]
+
+
 # ---- shared run options ------------------------------------------------------------------------
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu | cuda (default: cuda when available).")]
 DtypeOpt = Annotated[Optional[str], typer.Option(

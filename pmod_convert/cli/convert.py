@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..errors import RecipeError
 from .common import (
+    AllowPickleOpt,
     AlphaOpt,
     AvgOpt,
     BetaOpt,
@@ -38,7 +39,9 @@ def add_routers_cmd(
     min_ratio: MinOpt = None, ratio: RatioOpt = None, layers: LayersOpt = None, ratios: RatiosOpt = None,
     tanh_alpha: AlphaOpt = None, tanh_beta: BetaOpt = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | float16 | bfloat16")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace OUT if it is an earlier pmod-convert output (never the source).")] = False,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Add zero-initialised routers to a dense checkpoint following a PRD schedule, and save it."""
     from ..api import convert, layer_infos, load_pretrained
@@ -46,7 +49,7 @@ def add_routers_cmd(
     plan = build_recipe(recipe, schedule, avg_ratio, max_ratio, min_ratio, ratio, layers, ratios,
                         tanh_alpha, tanh_beta, dtype)
     with console.status(f"converting {source} ..."):
-        path = convert(source, out, plan, overwrite=overwrite)
+        path = convert(source, out, plan, overwrite=overwrite, allow_pickle=allow_pickle)
     with console.status("checking the written checkpoint ..."):
         infos = layer_infos(load_pretrained(path))
     mod = [i for i in infos if i.ratio is not None]

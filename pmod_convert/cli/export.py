@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import DeviceOpt, DtypeOpt, app, console, one_line_errors, out_console
+from .common import AllowPickleOpt, DeviceOpt, DtypeOpt, app, console, one_line_errors, out_console
 
 
 @app.command("export")
@@ -23,13 +23,15 @@ def export_cmd(
     skip_modules: Annotated[Optional[str], typer.Option(
         "--skip-modules", help="Comma-separated module names to leave unquantized, replacing the family's "
                                "defaults (vision tower, projector, lm_head); routers are never quantized.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace OUT if it is an earlier pmod-convert output (never the checkpoint).")] = False,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Merge the finetune sidecar, quantize the language model with bitsandbytes and write a checked folder."""
     from ..export import export, parse_skip_modules
 
     report = export(checkpoint, out, quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
-                    skip_modules=parse_skip_modules(skip_modules), overwrite=overwrite)
+                    skip_modules=parse_skip_modules(skip_modules), overwrite=overwrite, allow_pickle=allow_pickle)
     out_console.print(report.table())
     console.print(f"wrote {out} ({report.weight_bytes / 2**20:.2f} MiB of weights, "
                   f"{report.size_ratio:.3f}x the unquantized model)", highlight=False)
@@ -45,12 +47,13 @@ def generate_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the vision tokens each MoD layer kept.")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Print one greedy answer; with --verbose, the retained vision tokens per MoD layer during the prefill."""
     from ..export import generate_answer
 
     result = generate_answer(checkpoint, prompt, image, max_new_tokens=max_new_tokens, retention=verbose,
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, allow_pickle=allow_pickle)
     typer.echo(result.text)
     if verbose:
         table = Table(title=f"prefill: {result.prompt_tokens} prompt tokens; {result.new_tokens} new tokens")

@@ -9,6 +9,7 @@ of the first human turn (LLaVA's convention). Images may only appear in the firs
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +41,17 @@ class Dataset:
 
 
 def read_samples(path: str | Path, image_folder: str | Path | None = None, *, skip_bad_rows: bool = False,
-                 limit: int | None = None) -> Dataset:
-    """Read and check every row (images exist and decode); bad rows raise ``DataError`` or are skipped."""
+                 limit: int | None = None, allow_outside_images: bool = False) -> Dataset:
+    """Read and check every row (images exist, decode and lie inside the image folder).
+
+    Image paths must stay inside ``image_folder`` (no ``..``, absolute paths or links leading out of it)
+    unless ``allow_outside_images`` (the CLI's ``--allow-outside-images``).
+
+    Raises:
+        DataError: the file or image folder is missing, the file is not JSON / JSONL, or a row is bad (a
+            missing, unreadable or outside image, malformed turns); bad rows are skipped and counted instead
+            with ``skip_bad_rows``.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist; pass a LLaVA-style .json or .jsonl file")
@@ -53,7 +63,7 @@ def read_samples(path: str | Path, image_folder: str | Path | None = None, *, sk
     data = Dataset(samples=[], source=path)
     for row, record in _records(path):
         try:
-            data.samples.append(_parse(record, row, folder))
+            data.samples.append(_parse(record, row, folder, allow_outside_images))
         except DataError as exc:
             if not skip_bad_rows:
                 raise DataError(f"{path} {exc}; fix the row or pass --skip-bad-rows") from None
@@ -89,7 +99,7 @@ def _records(path: Path):
     yield from enumerate(rows, 1)
 
 
-def _parse(record: object, row: int, folder: Path) -> Sample:
+def _parse(record: object, row: int, folder: Path, allow_outside_images: bool = False) -> Sample:
     if not isinstance(record, dict):
         raise DataError(f"row {row} is not a JSON object")
     sid = str(record.get("id", row))
@@ -101,6 +111,9 @@ def _parse(record: object, row: int, folder: Path) -> Sample:
     names = [names] if isinstance(names, str) else names
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{where}: 'image' must be a path or a list of paths")
+    if not allow_outside_images:
+        for name in names:
+            _check_inside(folder, name, where)
     images = [_check_image(folder / name, where) for name in names]
 
     turns: list[tuple[str, str]] = []
@@ -125,6 +138,19 @@ def _parse(record: object, row: int, folder: Path) -> Sample:
     if turns[0][0] == "assistant":
         raise DataError(f"{where} starts with a gpt turn; the first turn must be human (or system)")
     return Sample(id=sid, images=images, turns=turns, row=row)
+
+
+def _check_inside(folder: Path, name: str, where: str) -> None:
+    """Raises DataError when image ``name`` (relative to ``folder``) leads out of it, by its path or by a link."""
+    base = folder.resolve()
+    lexical = Path(os.path.normpath(base / name))
+    try:
+        resolved = (folder / name).resolve()
+    except (OSError, RuntimeError):
+        resolved = lexical
+    if not (lexical.is_relative_to(base) and resolved.is_relative_to(base)):
+        raise DataError(f"{where}: image {name!r} lies outside the image folder {folder}; keep images inside it "
+                        "or pass --allow-outside-images")
 
 
 def _check_image(path: Path, where: str) -> Path:

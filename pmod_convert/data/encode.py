@@ -48,13 +48,24 @@ class SampleEncoder:
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path) -> "SampleEncoder":
+        """The encoder of a checkpoint folder: its config, processor (or tokenizer + image processor).
+
+        The family is checked on ``config.json`` before any transformers ``Auto*`` call, and every call passes
+        ``trust_remote_code=False``: a checkpoint's own Python code (``auto_map``) is never run or offered.
+
+        Raises:
+            CheckpointError: the folder or its config.json is missing or invalid.
+            UnsupportedArchitecture: the checkpoint's ``model_type`` is not a supported family.
+            DataError: the processor, tokenizer, image processor or chat template is missing or unusable.
+        """
         import transformers as tf
 
-        read_config(checkpoint)  # one-line errors for a missing folder / config
-        config = tf.AutoConfig.from_pretrained(str(checkpoint))
+        get_adapter(read_config(checkpoint))  # one-line errors for a missing folder / config / unknown family
+        safe = {"trust_remote_code": False}
+        config = tf.AutoConfig.from_pretrained(str(checkpoint), **safe)
         model_type = config.model_type
         try:
-            processor = tf.AutoProcessor.from_pretrained(str(checkpoint))
+            processor = tf.AutoProcessor.from_pretrained(str(checkpoint), **safe)
         except ImportError as exc:  # the processor class needs torchvision
             if model_type not in _EXPAND_FALLBACK:
                 raise DataError(f"the {model_type} processor cannot be built here ({str(exc).strip().splitlines()[0]}); "
@@ -63,8 +74,10 @@ class SampleEncoder:
         if processor is not None and not hasattr(processor, "image_processor"):
             processor = None  # AutoProcessor fell back to a bare tokenizer
         try:
-            tokenizer = processor.tokenizer if processor is not None else tf.AutoTokenizer.from_pretrained(str(checkpoint))
-            image_processor = None if processor is not None else tf.AutoImageProcessor.from_pretrained(str(checkpoint))
+            tokenizer = (processor.tokenizer if processor is not None
+                         else tf.AutoTokenizer.from_pretrained(str(checkpoint), **safe))
+            image_processor = (None if processor is not None
+                               else tf.AutoImageProcessor.from_pretrained(str(checkpoint), **safe))
         except (OSError, ValueError) as exc:
             raise DataError(f"{checkpoint} lacks its tokenizer or image processor files ({str(exc).splitlines()[0]})") from None
         if processor is None and model_type not in _EXPAND_FALLBACK:

@@ -24,12 +24,17 @@ class Generation:
 
 def generate_answer(checkpoint: str | Path, prompt: str, image: str | Path | None = None, *,
                     max_new_tokens: int = 32, retention: bool = False, device: str | None = None,
-                    dtype: str | None = None) -> Generation:
+                    dtype: str | None = None, allow_pickle: bool = False) -> Generation:
     """Greedy answer to ``prompt`` about ``image``, formatted with the checkpoint's own chat template.
 
     Dense checkpoints answer too (for comparisons). ``retention``: also count the vision tokens each MoD layer
     kept during the prefill. ``device``: cpu / cuda (default: cuda when available); ``dtype``: float32 /
-    float16 / bfloat16 (default: the checkpoint's).
+    float16 / bfloat16 (default: the checkpoint's). ``allow_pickle``: accept ``pytorch_model.bin`` /
+    ``adapter_model.bin`` weights (safetensors only by default).
+
+    Raises:
+        RecipeError: bad options. DataError: missing image or processor files.
+        CheckpointError / UnsupportedArchitecture: the checkpoint cannot be loaded (see ``load_pretrained``).
     """
     from ..api import load_any
     from ..data import SampleEncoder
@@ -42,7 +47,7 @@ def generate_answer(checkpoint: str | Path, prompt: str, image: str | Path | Non
         raise DataError(f"image {image} does not exist; pass an image file with --image")
     run_device = resolve_device(device)
     encoder = SampleEncoder.from_pretrained(checkpoint)
-    model = load_any(checkpoint, dtype=dtype, device=run_device)
+    model = load_any(checkpoint, dtype=dtype, device=run_device, allow_pickle=allow_pickle)
     inputs = encoder.encode_prompt(images=[image] if image is not None else [], prompt=prompt)
     device = next(p.device for p in model.parameters())
     inputs = to_device(inputs, device)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
 from ..adapters.base import unwrap
-from ..checkpoint import atomic_folder, copy_processor_files, read_config
+from ..checkpoint import atomic_folder, check_replaceable, copy_processor_files, read_config
 from ..errors import CheckpointError
 from .compare import Batch, check_batches, logit_deviation, model_logits, text_positions
 from .manifest import write_manifest
@@ -33,13 +33,21 @@ SETTINGS_FILE = "export_settings.yaml"
 
 def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", double_quant: bool = False,
            compute_dtype: str | None = None, skip_modules: Sequence[str] | None = None, overwrite: bool = False,
-           check_inputs: Batch | Sequence[Batch] | None = None, progress: bool = True) -> ExportReport:
+           check_inputs: Batch | Sequence[Batch] | None = None, progress: bool = True,
+           allow_pickle: bool = False) -> ExportReport:
     """Write CHECKPOINT (with its finetune sidecar merged) to OUT, optionally bitsandbytes-quantized.
 
     ``quantize``: none | int8 | nf4 | fp4. ``double_quant`` / ``compute_dtype``: 4-bit options.
     ``skip_modules``: modules left unquantized (default: the family's ``never_quantize``; routers
     always stay unquantized). ``check_inputs``: model input dicts the logits are compared on
-    (default: the family's dummy inputs). OUT appears only when complete.
+    (default: the family's dummy inputs). OUT appears only when complete. ``overwrite`` replaces only an
+    earlier pmod-convert output, never CHECKPOINT, a folder holding it or the current directory.
+    ``allow_pickle``: accept ``pytorch_model.bin`` / ``adapter_model.bin`` weights (safetensors only by default).
+
+    Raises:
+        CheckpointError: CHECKPOINT is not a loadable unquantized pmod checkpoint (or is pickle-only), OUT
+            exists and may not be replaced, or the written model does not load.
+        RecipeError: invalid export settings or module names.
     """
     started = time.perf_counter()
     settings = ExportSettings(quantize, double_quant, compute_dtype,
@@ -50,13 +58,14 @@ def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", d
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
     if out.resolve() == checkpoint.resolve():
         raise CheckpointError(f"--out {out} is the checkpoint itself; write the export to another folder")
+    check_replaceable(out, protect=(checkpoint,))
 
     from ..api import load_pretrained, recipe_from_config
 
     if settings.skip_modules is not None:  # a typo fails here, before any weight is read
         resolve_skip_modules(skeleton(checkpoint), settings.skip_modules, strict=True)
     with tqdm(total=6, desc="loading", disable=not progress, leave=False) as steps:
-        model = load_pretrained(checkpoint)  # applies the LoRA + router sidecar when there is one
+        model = load_pretrained(checkpoint, allow_pickle=allow_pickle)  # applies the LoRA + router sidecar
         adapter = get_adapter(unwrap(model))
         batches = check_batches(check_inputs, adapter, unwrap(model).config)
         text = text_positions(batches, adapter.vision_token_ids(unwrap(model).config))
@@ -66,7 +75,7 @@ def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", d
         model, lora = merge_lora(model)
         skip = resolve_skip_modules(model, settings.skip_modules if settings.skip_modules is not None
                                     else adapter.never_quantize, strict=settings.skip_modules is not None)
-        with atomic_folder(out, overwrite=overwrite) as tmp:
+        with atomic_folder(out, overwrite=overwrite, protect=(checkpoint,)) as tmp:
             _step(steps, f"writing ({settings.quantize})")
             unquantized, parts_before, linears = _write_weights(model, tmp, out, settings, skip)
             del model
