@@ -6,6 +6,11 @@ same process, alternating step by step (order swapped every step), through the f
 step (``pmod_convert.training.loop.forward_backward`` + AdamW). Reported: median step times, their
 ratio, and the analytic decoder FLOPs ratio of a forward pass for comparison.
 
+The MoD step uses the finetune's default objective (``--loss kl``: distillation, with the dense teacher pass
+and, with ``--router-rank-coef`` > 0, its eager-attention ranking targets inside the step), so the ratio is
+the real cost of a default MoD finetune step against a plain LoRA step of the dense model. ``--loss ce``
+measures the MoD step without a teacher.
+
     python benchmarks/finetune_step.py                       # LLaVA-like, hidden 512 x 8 layers, 576 vision tokens
     python benchmarks/finetune_step.py --shape qwen2-0.5b --steps 4   # Qwen2-0.5B-sized decoder (slow on CPU)
 """
@@ -24,11 +29,9 @@ from pmod_convert import Recipe, add_routers
 from pmod_convert.adapters import adapter_by_family
 from pmod_convert.efficiency import TextShape, estimate
 from pmod_convert.training import FinetuneSettings
-from pmod_convert.training.loop import (
-    answer_token_count,
-    build_optimizer,
-    forward_backward,
-)
+from pmod_convert.training.distill import Teacher
+from pmod_convert.training.loop import Scales, answer_token_count, build_optimizer, forward_backward
+from pmod_convert.training.losses import distill_positions, rank_terms
 from pmod_convert.training.lora import prepare_for_training
 from pmod_convert.training.routing import RouterTaps, TextRouting
 
@@ -69,14 +72,21 @@ def make_batches(config, n: int, batch_size: int, text_tokens: int, answer_token
     return batches
 
 
-def step(model, optimizer, batch, settings) -> tuple[float, float]:
-    """One optimizer step; (wall seconds, CPU seconds of this process)."""
-    taps = RouterTaps(model) if settings.router_aux_coef > 0 else None
+def step(model, optimizer, batch, settings, teacher=None, vision_ids=()) -> tuple[float, float]:
+    """One optimizer step; (wall seconds, CPU seconds of this process). ``teacher``: distil (MoD model)."""
+    rank = teacher is not None and teacher.attention
+    taps = RouterTaps(model) if settings.router_aux_coef > 0 or rank else None
     text = TextRouting(model) if settings.route_text else None
+    if teacher is not None:
+        where = distill_positions(batch["labels"], batch["input_ids"], batch["attention_mask"], vision_ids)
+        n_rank = rank_terms(batch["input_ids"], vision_ids, len(teacher.layers)) if rank else 0
+        scales = Scales(ce=0.0, kl=1.0 / max(int(where.sum()), 1), rank=1.0 / max(n_rank, 1) if rank else 0.0)
+    else:
+        scales = Scales(ce=1.0 / answer_token_count(batch), kl=0.0)
     t0, c0 = time.perf_counter(), time.process_time()
     with taps if taps is not None else _null(), text if text is not None else _null():
-        forward_backward(model, [batch], settings, device=torch.device("cpu"),
-                         loss_scale=1.0 / answer_token_count(batch), taps=taps, text_routing=text)
+        forward_backward(model, [batch], settings, device=torch.device("cpu"), scales=scales, taps=taps,
+                         text_routing=text, teacher=teacher, vision_ids=vision_ids)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - t0, time.process_time() - c0
@@ -104,6 +114,8 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--router-aux-coef", type=float, default=0.0)
     p.add_argument("--route-text", action="store_true")
+    p.add_argument("--loss", choices=("kl", "ce"), default="kl", help="MoD objective: kl = distillation (default)")
+    p.add_argument("--router-rank-coef", type=float, default=1.0, help="0: no eager-attention ranking targets")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args()
@@ -111,18 +123,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     settings = FinetuneSettings(lora_r=args.lora_r, lora_dropout=0.0, gradient_checkpointing=args.gradient_checkpointing,
-                                router_aux_coef=args.router_aux_coef, route_text=args.route_text).validate()
+                                router_aux_coef=args.router_aux_coef, route_text=args.route_text, loss=args.loss,
+                                router_rank_coef=args.router_rank_coef).validate()
     models, config = build_models(args.shape, args.image_size, args.patch, settings)
     optimizers = {name: build_optimizer(m, settings, total_steps=1000)[0] for name, m in models.items()}
     batches = make_batches(config, args.warmup + args.steps, args.batch_size, args.text_tokens, args.answer_tokens)
     n_vision = int((batches[0]["input_ids"][0] == config.image_token_id).sum())
+    vision_ids = [config.image_token_id]
+    teacher = Teacher(models["mod"], vision_ids, attention=args.router_rank_coef > 0) if args.loss == "kl" else None
 
     times: dict[str, list[float]] = {"dense": [], "mod": []}
     cpu: dict[str, list[float]] = {"dense": [], "mod": []}
     for i, batch in enumerate(batches):
         order = ("dense", "mod") if i % 2 == 0 else ("mod", "dense")
         for name in order:
-            wall, cpu_s = step(models[name], optimizers[name], batch, settings)
+            wall, cpu_s = step(models[name], optimizers[name], batch, settings,
+                               teacher=teacher if name == "mod" else None, vision_ids=vision_ids)
             if i >= args.warmup:
                 times[name].append(wall)
                 cpu[name].append(cpu_s)
@@ -139,14 +155,17 @@ def main() -> None:
         "dense_step_s": med["dense"], "mod_step_s": med["mod"], "step_time_ratio": med["mod"] / med["dense"],
         "dense_cpu_s": med_cpu["dense"], "mod_cpu_s": med_cpu["mod"], "cpu_time_ratio": med_cpu["mod"] / med_cpu["dense"],
         "wall_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
-        "forward_decoder_flops_ratio": est.decoder_flops_ratio, "steps": args.steps,
+        "forward_decoder_flops_ratio": est.decoder_flops_ratio, "steps": args.steps, "mod_loss": args.loss,
+        "router_rank_coef": args.router_rank_coef,
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"LLaVA-like decoder {args.shape}: {result['layers']} layers x hidden {result['hidden']}, "
           f"{n_vision} vision + {result['text_tokens']} text tokens, batch {args.batch_size}, LoRA r {args.lora_r}, "
-          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {result['threads']} threads")
+          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {result['threads']} threads, "
+          f"MoD objective {args.loss}" + (f" + router ranking (eager teacher attention)" if teacher is not None
+                                         and teacher.attention else ""))
     print(f"MoD layers {result['mod_layers']}: ratios {result['ratios']}")
     print(f"median step  dense {med['dense'] * 1e3:8.1f} ms   MoD {med['mod'] * 1e3:8.1f} ms   "
           f"(over {args.steps} steps each, alternating)")

@@ -22,6 +22,19 @@ def finetune_cmd(
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Resumable checkpoints and live log (default: <out or checkpoint>-finetune-run).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing sidecar / --out / earlier run checkpoints.")] = False,
+    val_data: Annotated[Path | None, typer.Option("--val-data", help="Held-out LLaVA-style rows to validate on (default: --val-fraction of --data).")] = None,
+    val_image_folder: Annotated[Path | None, typer.Option("--val-image-folder", help="Images of --val-data (default: --image-folder).")] = None,
+    val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Share of the training rows held out for validation (0.05; at least --val-min rows).")] = None,
+    val_min: Annotated[int | None, typer.Option("--val-min", help="Held-out rows at least (32).")] = None,
+    eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="Validate every N optimizer steps (default: about 8 times a run).")] = None,
+    select_by: Annotated[str | None, typer.Option("--select-by", help="accuracy (ties: lower KL to dense) | kl: which validated weights are best.")] = None,
+    keep_best: Annotated[bool | None, typer.Option("--keep-best/--no-keep-best", help="Output the best validated weights, the input's if no step beat them (on).")] = None,
+    strict: Annotated[bool | None, typer.Option("--strict/--no-strict", help="Exit 3 when no step beat the input on validation.")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="kl: distil the dense model (default) | ce: label cross-entropy | mix: kl + --ce-weight * ce.")] = None,
+    ce_weight: Annotated[float | None, typer.Option("--ce-weight", help="Weight of the label cross-entropy in --loss mix (0.5).")] = None,
+    distill_temperature: Annotated[float | None, typer.Option("--distill-temperature", help="Softmax temperature of the distillation (1.0).")] = None,
+    distill_positions: Annotated[str | None, typer.Option("--distill-positions", help="answer: labelled positions (default) | text: every text position after the image.")] = None,
+    router_rank_coef: Annotated[float | None, typer.Option("--router-rank-coef", help="Weight of the routers' ranking loss against the dense model's text-to-vision attention (1.0; 0 = off).")] = None,
     lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank (8); 0 trains the routers only.")] = None,
     lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="LoRA alpha (16).")] = None,
     lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", help="LoRA dropout (0.05).")] = None,
@@ -32,15 +45,15 @@ def finetune_cmd(
     router_aux_coef: Annotated[float | None, typer.Option("--router-aux-coef", help="Weight of the router BCE loss against the top-k selection (gamma-MoD: 0.01; 0 = off).")] = None,
     route_text: Annotated[bool | None, typer.Option("--route-text/--no-route-text", help="Route answer text too; instruction tokens are never skipped (gamma-MoD masked routing).")] = None,
     shared_router: Annotated[bool | None, typer.Option("--shared-router/--no-shared-router", help="One router shared by all MoD layers.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate of LoRA / projector (2e-4).")] = None,
-    router_lr: Annotated[float | None, typer.Option("--router-lr", help="Learning rate of the routers (default: --lr).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate of LoRA / projector (1e-4; 0 changes nothing).")] = None,
+    router_lr: Annotated[float | None, typer.Option("--router-lr", help="Learning rate of the routers (1e-3).")] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay of LoRA / projector (0).")] = None,
-    warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", help="Linear warmup share of the steps before the cosine decay (0.03).")] = None,
+    warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", help="Linear warmup share of the steps before the cosine decay (0.1).")] = None,
     max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", help="Gradient clipping norm (1.0; 0 = off).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (1).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps; overrides --epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per micro-batch per process (1).")] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step (1).")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step (default: sized from the data for an effective batch of up to 16).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of data order, LoRA init and dropout (0).")] = None,
     mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="no | bf16 | fp16 (fp16: CUDA only).")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute decoder layers in backward (non-reentrant).")] = None,
@@ -57,6 +70,7 @@ def finetune_cmd(
     from accelerate.state import PartialState
 
     from ..training import FinetuneSettings, finetune
+    from ..training.finetune import final_line
     from ..training.report import format_summary
 
     base = FinetuneSettings.load(settings_file) if settings_file is not None else FinetuneSettings()
@@ -67,13 +81,16 @@ def finetune_cmd(
                  batch_size=batch_size, grad_accum=grad_accum, seed=seed, mixed_precision=mixed_precision,
                  gradient_checkpointing=gradient_checkpointing, skip_bad_rows=skip_bad_rows, max_length=max_length,
                  limit=limit, num_workers=num_workers, save_steps=save_steps, keep_checkpoints=keep_checkpoints,
-                 stats_samples=stats_samples)
+                 stats_samples=stats_samples, val_fraction=val_fraction, val_min=val_min, eval_steps=eval_steps,
+                 select_by=select_by, keep_best=keep_best, strict=strict, loss=loss, ce_weight=ce_weight,
+                 distill_temperature=distill_temperature, distill_positions=distill_positions,
+                 router_rank_coef=router_rank_coef)
     changes = {k: v for k, v in given.items() if v is not None}
     if max_grad_norm is not None:
         changes["max_grad_norm"] = max_grad_norm if max_grad_norm > 0 else None
     settings = base.replace(**changes)
     summary = finetune(checkpoint, data, image_folder, out=out, settings=settings, run_dir=run_dir, resume=resume,
-                       overwrite=overwrite)
+                       overwrite=overwrite, val_data=val_data, val_image_folder=val_image_folder)
     if not PartialState().is_main_process:
         return
     if summary["skipped_rows"]:
@@ -81,6 +98,11 @@ def finetune_cmd(
     if as_json:
         out_console.print_json(json.dumps(summary))
     else:
-        typer.echo(format_summary(summary))
+        typer.echo(format_summary(summary, with_validation=False))
         typer.echo(f"wrote {summary['output']}/pmod_adapter (LoRA + routers) and {summary['output']}/pmod_finetune "
-                   "(finetune.yaml, log.jsonl, summary.json, finetune.png)")
+                   "(finetune.yaml, log.jsonl, validation.jsonl, summary.json, finetune.png)")
+        typer.echo(final_line(summary))
+    if settings.strict and (summary.get("validation") or {}).get("kept") == "input":
+        console.print("--strict: no finetuning step beat the input model on validation; the output holds the "
+                      "input's weights", highlight=False)
+        raise typer.Exit(3)

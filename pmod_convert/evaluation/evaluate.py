@@ -69,48 +69,12 @@ def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
 
         model = load_any(checkpoint, dtype=dtype, device=run_device)
     model.eval()
-    device = next(model.parameters()).device
     skipped = dataset.skipped
-    vision_ids = torch.tensor(sorted(encoder.vision_ids))
-
-    records, counts = [], []
-    generated = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(dataset), desc="eval", unit="sample", disable=not progress)
-    for first in range(0, len(dataset), batch_size):
-        chunk, encoded = [], []
-        for sample in dataset.samples[first:first + batch_size]:
-            try:
-                encoded.append(encoder.encode_for_generation(sample))
-                chunk.append(sample)
-            except DataError as exc:
-                if not skip_bad_rows:
-                    raise DataError(f"{dataset.source} row {sample.row} (id {sample.id!r}) {exc}; fix the row or "
-                                    "pass --skip-bad-rows") from None
-                skipped += 1
-        bar.update(len(dataset.samples[first:first + batch_size]) - len(chunk))
-        if not chunk:
-            continue
-        batch = collate([e[0] for e in encoded], encoder.pad_token_id, padding_side="left")
-        batch = to_device(batch, device)
-        with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=encoder.pad_token_id)
-        new = output[:, batch["input_ids"].shape[1]:].cpu()
-        for sample, (inputs, reference), tokens in zip(chunk, encoded, new):
-            answer = _until_eos(tokens, encoder)
-            prediction = encoder.decode(answer)
-            correct, kind = is_correct(prediction, reference)
-            n_vision = int(torch.isin(inputs["input_ids"][0], vision_ids).sum())
-            counts.append((n_vision, inputs["input_ids"].shape[1] - n_vision))
-            generated += len(answer)
-            question = next(text for role, text in reversed(sample.turns[:-1]) if role == "user") \
-                if len(sample.turns) > 1 else ""
-            records.append({"id": sample.id, "question": question, "reference": reference,
-                            "prediction": prediction, "correct": correct, "kind": kind})
-        bar.update(len(chunk))
-        bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / max(len(records), 1):.3f}")
-    bar.close()
+    answers = answer_samples(model, encoder, dataset.samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             skip_bad_rows=skip_bad_rows, source=dataset.source, progress=progress)
+    records, counts, generated = answers.records, answers.counts, answers.generated_tokens
+    skipped += answers.skipped
     if not records:
         raise DataError(f"{dataset.source}: no sample could be evaluated ({skipped} bad rows skipped)")
     seconds = time.perf_counter() - start
@@ -132,6 +96,72 @@ def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     if out is not None:
         write(summary, out, overwrite=overwrite)
     return summary
+
+
+@dataclass
+class Answers:
+    records: list[dict[str, Any]]  # id, question, reference, prediction, correct, kind
+    counts: list[tuple[int, int]]  # (vision tokens, text tokens) of each answered prompt
+    generated_tokens: int
+    skipped: int
+
+    @property
+    def accuracy(self) -> float | None:
+        return _mean([r["correct"] for r in self.records])
+
+
+def answer_samples(model: nn.Module, encoder: SampleEncoder, samples: list, *, batch_size: int = 8,
+                   max_new_tokens: int = 16, skip_bad_rows: bool = False, source: Any = "data",
+                   progress: bool = True) -> Answers:
+    """Greedy answers of ``model`` (dense, MoD or peft-wrapped, already on its device) to the last question of
+    each sample, in left-padded batches of ``batch_size``, scored against the sample's last answer.
+
+    Raises :class:`DataError` for a sample that cannot be encoded unless ``skip_bad_rows`` (then counted).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    vision_ids = torch.tensor(sorted(encoder.vision_ids))
+    records, counts, generated, skipped = [], [], 0, 0
+    bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress, leave=False)
+    try:
+        for first in range(0, len(samples), batch_size):
+            chunk, encoded = [], []
+            for sample in samples[first:first + batch_size]:
+                try:
+                    encoded.append(encoder.encode_for_generation(sample))
+                    chunk.append(sample)
+                except DataError as exc:
+                    if not skip_bad_rows:
+                        raise DataError(f"{source} row {sample.row} (id {sample.id!r}) {exc}; fix the row or "
+                                        "pass --skip-bad-rows") from None
+                    skipped += 1
+            bar.update(len(samples[first:first + batch_size]) - len(chunk))
+            if not chunk:
+                continue
+            batch = collate([e[0] for e in encoded], encoder.pad_token_id, padding_side="left")
+            batch = to_device(batch, device)
+            with torch.no_grad():
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=encoder.pad_token_id)
+            new = output[:, batch["input_ids"].shape[1]:].cpu()
+            for sample, (inputs, reference), tokens in zip(chunk, encoded, new):
+                answer = _until_eos(tokens, encoder)
+                prediction = encoder.decode(answer)
+                correct, kind = is_correct(prediction, reference)
+                n_vision = int(torch.isin(inputs["input_ids"][0], vision_ids).sum())
+                counts.append((n_vision, inputs["input_ids"].shape[1] - n_vision))
+                generated += len(answer)
+                question = next(text for role, text in reversed(sample.turns[:-1]) if role == "user") \
+                    if len(sample.turns) > 1 else ""
+                records.append({"id": sample.id, "question": question, "reference": reference,
+                                "prediction": prediction, "correct": correct, "kind": kind})
+            bar.update(len(chunk))
+            bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / max(len(records), 1):.3f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    return Answers(records=records, counts=counts, generated_tokens=generated, skipped=skipped)
 
 
 def write(summary: EvalSummary, out: str | Path, overwrite: bool = False) -> Path:

@@ -52,6 +52,34 @@ class TrainingData:
             return self.cache[index]
         return self.encoder.encode(self.samples[index])
 
+    def subset(self, indices: list[int]) -> TrainingData:
+        """The samples at ``indices`` (in that order), sharing encoder and cache entries."""
+        return TrainingData(samples=[self.samples[i] for i in indices], encoder=self.encoder, source=self.source,
+                            lengths=[self.lengths[i] for i in indices],
+                            answer_tokens=[self.answer_tokens[i] for i in indices], skipped=self.skipped,
+                            skipped_reasons=self.skipped_reasons,
+                            cache=[self.cache[i] for i in indices] if self.cache is not None else None)
+
+
+def split_validation(data: TrainingData, settings: FinetuneSettings) -> tuple[TrainingData, TrainingData, str]:
+    """``(train, validation, how)``: a seeded held-out share of the rows, or training rows when too few.
+
+    Held out: ``clamp(round(val_fraction * n), val_min, val_max)`` rows when ``n >= 2 * val_min`` and
+    ``val_fraction > 0``; the rest train. Otherwise nothing is held out and the first ``min(n, val_min)``
+    training rows are validated on (``how`` says so; the finetune's summary and last line repeat it).
+    """
+    n = len(data)
+    if settings.val_fraction > 0 and n >= 2 * settings.val_min:
+        k = min(settings.val_max, max(settings.val_min, round(settings.val_fraction * n)))
+        g = torch.Generator().manual_seed(settings.seed * 7_919 + 17)
+        order = torch.randperm(n, generator=g).tolist()
+        held = sorted(order[:k])
+        chosen = set(held)
+        return data.subset([i for i in range(n) if i not in chosen]), data.subset(held), \
+            f"{k} held-out training rows"
+    k = min(n, settings.val_min)
+    return data, data.subset(list(range(k))), f"{k} training rows (too few rows to hold any out; pass --val-data)"
+
 
 def load_training_data(data: str | Path, image_folder: str | Path | None, checkpoint: str | Path,
                        settings: FinetuneSettings, *, show_progress: bool = True) -> TrainingData:

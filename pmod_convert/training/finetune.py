@@ -18,16 +18,18 @@ from typing import Any
 import torch
 
 from ..adapters import get_adapter
-from ..checkpoint import atomic_folder, read_config
+from ..checkpoint import atomic_folder, check_replaceable, copy_checkpoint_tree, read_config
 from ..errors import CheckpointError, RecipeError
 from ..sidecar import SIDECAR_DIR, has_sidecar, save_sidecar
 from .checkpoints import list_checkpoints
-from .data import load_training_data
-from .loop import LOG_FILE, TrainingLoop, check_resumable
-from .lora import count_parameters, load_base, lora_targets, prepare_for_training
+from .data import load_training_data, split_validation
+from .distill import Teacher
+from .loop import LOG_FILE, VALIDATION_LOG, TrainingLoop, check_resumable, load_best
+from .lora import count_parameters, load_base, load_trainable_state, lora_targets, prepare_for_training
 from .report import plot_run, router_statistics
-from .routing import untie_routers
+from .routing import routers, untie_routers
 from .settings import FinetuneSettings
+from .validation import Validator
 
 REPORT_DIR = "pmod_finetune"
 
@@ -40,12 +42,20 @@ def default_run_dir(target: Path) -> Path:
 def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path | None = None, *,
              out: str | Path | None = None, settings: FinetuneSettings | None = None,
              run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+             val_data: str | Path | None = None, val_image_folder: str | Path | None = None,
              callbacks: Sequence[Callable[[dict, Any], None]] = (), show_progress: bool = True) -> dict[str, Any]:
     """Finetune a pmod checkpoint on LLaVA-style conversations; returns the run summary.
+
+    The objective is distillation from the dense model by default (``settings.loss``); the model is validated
+    before the first step and every ``eval_steps`` steps, and the output holds the best validated weights:
+    the input's own when no step beat them (``summary["validation"]["kept"] == "input"``; ``settings.strict``
+    makes the CLI exit non-zero then). See docs/finetuning.md.
 
     checkpoint:   a folder written by ``pmod-convert add-routers`` (its routers are the starting point).
     data:         LLaVA-style ``.json`` / ``.jsonl``; ``image_folder``: where its image paths point (default:
                   the data file's folder).
+    val_data:     held-out rows to validate on (default: a ``settings.val_fraction`` share of ``data``);
+                  ``val_image_folder``: their images (default: ``image_folder``).
     out:          write a copy of the checkpoint with the sidecar there; default: add the sidecar in place.
     run_dir:      resumable checkpoints + live log (default ``<out or checkpoint>-finetune-run``).
     resume:       continue from the newest checkpoint in ``run_dir`` (same settings and data required).
@@ -73,28 +83,54 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     main = accelerator.is_main_process
     set_seed(settings.seed)
     dataset = load_training_data(data, image_folder, checkpoint, settings, show_progress=show_progress and main)
+    if val_data is not None:
+        val_settings = settings.replace(limit=settings.val_max, max_length=None)
+        held = load_training_data(val_data, val_image_folder if val_image_folder is not None else image_folder,
+                                  checkpoint, val_settings, show_progress=False)
+        val_how = f"{len(held)} rows of {val_data}"
+    else:
+        dataset, held, val_how = split_validation(dataset, settings)
     model = load_base(checkpoint, settings, device=accelerator.device)
     model = prepare_for_training(model, settings)
     params = count_parameters(model)
+    vision_ids = sorted(dataset.encoder.vision_ids)
+    needs_teacher = settings.loss != "ce" or settings.router_rank_coef > 0
+    teacher = Teacher(model, vision_ids, attention=settings.router_rank_coef > 0) if needs_teacher else None
+    validator = None
+    if main:
+        validator = Validator(held, Teacher(model, vision_ids), accelerator.device, batch_size=8,
+                              max_new_tokens=settings.val_max_new_tokens, source=val_how)
     if main:
         run_path.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            shutil.rmtree(run_path / "checkpoints", ignore_errors=True)
+        if not resume:  # only the training checkpoints an earlier run wrote (step-N folders with state.json)
+            for folder in list_checkpoints(run_path):
+                shutil.rmtree(folder, ignore_errors=True)
         settings.save(run_path / "finetune.yaml")
     accelerator.wait_for_everyone()
 
     set_seed(settings.seed, device_specific=True)  # dropout differs per process; the data order does not
+    routers_before = {i: r.weight.detach().float().clone() for i, r in routers(model)}
     loop = TrainingLoop(accelerator, model, dataset, settings, run_path, callbacks=callbacks,
-                        show_progress=show_progress)
+                        show_progress=show_progress, teacher=teacher, validator=validator, vision_ids=vision_ids)
     result = loop.run(resume=resume)
 
     summary: dict[str, Any] | None = None
     bare = accelerator.unwrap_model(loop.model)
     if main:
+        kept = _keep_best(bare, result, run_path, settings)
         layers = router_statistics(bare, dataset, samples=settings.stats_samples, batch_size=settings.batch_size,
                                    device=accelerator.device)
+        for layer in layers:
+            before = routers_before.get(layer["layer"])
+            after = dict(routers(bare)).get(layer["layer"])
+            layer["router_moved"] = float((after.weight.detach().float().cpu() - before.cpu()).norm()) \
+                if before is not None and after is not None else None
+            layer["router_norm"] = float(after.weight.detach().float().norm()) if after is not None else None
         summary = _summary(result, dataset, settings, params, layers, accelerator.num_processes, checkpoint,
                            target, run_path, wall)
+        summary["grad_accum"] = result.grad_accum
+        summary["effective_batch_size"] = result.grad_accum * settings.batch_size * accelerator.num_processes
+        summary["validation"] = _validation_summary(result, validator, val_how, kept)
         if settings.shared_router:
             untie_routers(bare)  # per-layer router tensors in the sidecar, as load_pretrained expects
         _write_outputs(bare, checkpoint, out_path, run_path, settings, result.records, summary, overwrite)
@@ -103,6 +139,41 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     holder = [summary]
     broadcast_object_list(holder)
     return holder[0]
+
+
+def _keep_best(model, result, run_dir: Path, settings: FinetuneSettings) -> str:
+    """Load the best validated trainable state into ``model``; returns ``"input"``, ``"step N"`` or ``"last"``."""
+    if not settings.keep_best or result.best is None:
+        return "last"
+    load_trainable_state(model, load_best(run_dir), where=str(run_dir / "best.safetensors"))
+    return "input" if result.best["step"] == 0 else f"step {result.best['step']}"
+
+
+def _validation_summary(result, validator, how: str, kept: str) -> dict[str, Any]:
+    records = result.validations
+    first = next((r for r in records if r["step"] == 0), records[0] if records else None)
+    output = result.best if kept != "last" else (records[-1] if records else None)
+    return {
+        "on": how, "samples": len(validator.data) if validator is not None else 0,
+        "dense_accuracy": validator.dense_accuracy if validator is not None else None,
+        "input": first, "output": output, "last": records[-1] if records else None, "kept": kept,
+        "improved": kept not in ("input",), "curve": records,
+    }
+
+
+def final_line(summary: dict[str, Any]) -> str:
+    """One line: validation accuracy and agreement with dense, before -> after, and which weights were kept."""
+    v = summary.get("validation") or {}
+    a, b = v.get("input"), v.get("output")
+    if not a or not b:
+        return "no validation was run"
+    dense = v.get("dense_accuracy")
+    kept = v.get("kept")
+    note = {"input": "no step beat the input: the input's weights were kept",
+            "last": "the last step's weights were kept (--no-keep-best)"}.get(kept, f"kept {kept}")
+    return (f"validation ({v['on']}): accuracy {a['accuracy']:.1%} -> {b['accuracy']:.1%} "
+            f"(dense {dense:.1%}), agreement with dense {a['agreement']:.3f} -> {b['agreement']:.3f}, "
+            f"KL {a['kl']:.4f} -> {b['kl']:.4f}; {note}")
 
 
 def _accelerator(mixed_precision: str):
@@ -129,6 +200,8 @@ def _check_outputs(checkpoint: Path, out: Path | None, run_dir: Path, resume: bo
     """Refuse before any training time is spent, not after."""
     if out is not None and out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out is not None and overwrite:
+        check_replaceable(out, protect=(checkpoint,))
     if out is None and has_sidecar(checkpoint) and not overwrite:
         raise CheckpointError(f"{checkpoint} already has a finetune sidecar ({SIDECAR_DIR}/); pass --out to write "
                               "a finetuned copy elsewhere or --overwrite to replace it")
@@ -176,13 +249,16 @@ def _write_outputs(model, checkpoint: Path, out: Path | None, run_dir: Path, set
         with atomic_folder(folder / REPORT_DIR, overwrite=True) as tmp:
             settings.save(tmp / "finetune.yaml")
             (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+            curve = (summary.get("validation") or {}).get("curve") or []
+            (tmp / VALIDATION_LOG).write_text("".join(json.dumps(r) + "\n" for r in curve))
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-            plot_run(records, summary["layers"], tmp / "finetune.png")
+            plot_run(records, summary["layers"], tmp / "finetune.png", validations=curve,
+                     dense_accuracy=(summary.get("validation") or {}).get("dense_accuracy"))
 
     if out is None:
         write_into(checkpoint)
         return
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        shutil.copytree(checkpoint, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(SIDECAR_DIR, REPORT_DIR))
+    with atomic_folder(out, overwrite=overwrite, protect=(checkpoint,)) as tmp:
+        copy_checkpoint_tree(checkpoint, tmp, ignore=(SIDECAR_DIR, REPORT_DIR))
         write_into(tmp)
 

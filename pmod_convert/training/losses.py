@@ -1,4 +1,14 @@
-"""Training losses: next-token cross-entropy on answer tokens, and the gamma-MoD router auxiliary loss."""
+"""Training losses: answer cross-entropy, distillation from the dense teacher, and the router losses.
+
+* :func:`lm_loss_sum`: next-token cross-entropy on the labelled (answer) tokens.
+* :func:`distill_loss_sum`: KL(teacher || student) of next-token distributions at chosen positions
+  (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": softened by a temperature T and
+  scaled by T^2 so gradients keep their size when T changes).
+* :func:`router_rank_loss`: per MoD layer, the KL between the dense teacher's text-to-vision attention
+  (normalised over the vision tokens of the row) and a softmax of the router logits: a ranking signal that
+  reaches every router, including the last MoD layer's, whose TanhNorm weights no later layer reads.
+* :func:`router_aux_loss`: gamma-MoD's BCE of the router logits against the layer's own top-k selection.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +36,81 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
         return logits.sum() * 0.0, 0
     picked = logits[:, :-1][chosen].float()
     return F.cross_entropy(picked, targets[chosen], reduction="sum"), count
+
+
+def distill_positions(labels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      vision_ids: Sequence[int], which: str = "answer") -> torch.Tensor:
+    """Bool mask ``[batch, seq - 1]`` of the logit positions the distillation loss reads.
+
+    ``answer``: positions that predict a labelled token (as :func:`lm_loss_sum`). ``text``: every real text
+    position after the row's first vision token (the only positions routing can change), labelled or not.
+    """
+    answer = labels[:, 1:] != IGNORE
+    if which == "answer":
+        return answer
+    vision = torch.isin(input_ids, torch.tensor(list(vision_ids), device=input_ids.device))
+    seen_image = vision.long().cumsum(1) > 0
+    text = seen_image & ~vision & attention_mask.bool()
+    return text[:, :-1] | answer
+
+
+def distill_loss_sum(student: torch.Tensor, teacher: torch.Tensor, positions: torch.Tensor,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Summed ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over ``positions``, and their count.
+
+    student: ``[batch, seq, vocab]`` logits (attached to the graph); teacher: the same shape, or already
+    gathered ``[n, vocab]`` at ``positions`` (no gradient). positions: bool ``[batch, seq - 1]`` over the
+    logits that predict the next token (``logits[:, :-1]``). Computed in float32 on the chosen rows only.
+    """
+    count = int(positions.sum())
+    if count == 0:
+        return student.sum() * 0.0, 0
+    s = student[:, :-1][positions].float() / temperature
+    t = teacher if teacher.dim() == 2 else teacher[:, :-1][positions]
+    t = t.float() / temperature
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+    return kl * temperature**2, count
+
+
+def router_rank_loss(records: Sequence[RouterRecord], attention: dict[int, torch.Tensor], vision: torch.Tensor,
+                     temperature: float = 0.1) -> tuple[torch.Tensor | None, int]:
+    """Summed ``KL(p_teacher || softmax(router_logits / temperature))`` over MoD layers and rows, and the
+    number of (layer, row) terms.
+
+    ``attention[layer]``: ``[batch, seq]`` attention the dense teacher's text queries after the image pay to
+    each key (mean over heads and queries, from :class:`~pmod_convert.training.distill.Teacher`).
+    ``vision``: bool ``[batch, seq]`` vision tokens; both distributions run over the row's routed vision
+    tokens, and rows with fewer than two have no term. A temperature of 0.1 matches the logit scale the
+    calibration warm start gives routers (logit std 0.1): the TanhNorm weights ``alpha * tanh(logit) + beta``
+    stay near ``beta`` while the order of the logits follows the teacher. Summing (the loop divides by the
+    terms of the whole window on all processes) weighs every row alike whatever micro-batch it is in.
+    """
+    total, count = None, 0
+    for rec in records:
+        received = attention.get(rec.layer)
+        if received is None or received.shape != rec.logits.shape:
+            continue
+        targets = rec.targets & vision.to(rec.targets.device)
+        rows = targets.sum(1) >= 2
+        if not bool(rows.any()):
+            continue
+        logits = rec.logits[rows].float() / temperature
+        mask = targets[rows]
+        p = received[rows].float().to(logits.device).masked_fill(~mask, 0.0)
+        p = p / p.sum(1, keepdim=True).clamp_min(1e-30)
+        log_q = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
+        terms = torch.where(mask & (p > 0), p * (torch.log(p.clamp_min(1e-30)) - log_q), torch.zeros_like(p))
+        part = terms.sum()
+        total = part if total is None else total + part
+        count += int(rows.sum())
+    return total, count
+
+
+def rank_terms(input_ids: torch.Tensor, vision_ids: Sequence[int], mod_layers: int) -> int:
+    """How many (layer, row) terms :func:`router_rank_loss` will have for a batch: rows with at least two
+    vision tokens, times the MoD layers (known before the forward, for the window's normaliser)."""
+    vision = torch.isin(input_ids, torch.tensor(list(vision_ids), device=input_ids.device))
+    return int((vision.sum(1) >= 2).sum()) * mod_layers
 
 
 def router_aux_loss(records: Sequence[RouterRecord], attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:

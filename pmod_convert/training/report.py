@@ -57,25 +57,44 @@ def router_statistics(model: nn.Module, data: TrainingData, *, samples: int, bat
     return out
 
 
-def plot_run(records: list[dict], layers: list[dict], path: Path) -> Path:
-    """Loss per step, and per MoD layer the mean TanhNorm weight of kept vs skipped vision tokens."""
+def plot_run(records: list[dict], layers: list[dict], path: Path, *, validations: list[dict] | None = None,
+             dense_accuracy: float | None = None) -> Path:
+    """Training losses per step; validation accuracy / agreement with dense per step (step 0: the input);
+    per MoD layer the mean TanhNorm weight of kept vs skipped vision tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
     steps = [r["step"] for r in records]
-    lines = ax1.plot(steps, [r["loss"] for r in records], label="LM loss")
-    aux = [(r["step"], r["router_aux_loss"]) for r in records if r.get("router_aux_loss") is not None]
-    if aux:
-        ax1b = ax1.twinx()
-        lines += ax1b.plot(*zip(*aux), color="tab:orange", alpha=0.7, label="router aux loss")
-        ax1b.set_ylabel("router aux loss")
-    ax1.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    lines = ax1.plot(steps, [r["loss"] for r in records], label="objective", linewidth=0.8)
+    if any(r.get("kl") is not None for r in records):
+        lines += ax1.plot(steps, [r.get("ce") for r in records], label="label CE", linewidth=0.8, alpha=0.6)
+    for key, colour, label in (("router_aux_loss", "tab:orange", "router aux loss"),
+                               ("router_rank_loss", "tab:red", "router ranking loss")):
+        series = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if series:
+            lines += ax1.plot(*zip(*series), color=colour, alpha=0.7, linewidth=0.8, label=label)
+    ax1.set_yscale("log")
+    ax1.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
     ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("LM loss (answer tokens)")
-    ax1.set_title("training loss")
+    ax1.set_ylabel("loss per token (log scale)")
+    ax1.set_title("training")
+    if validations:
+        vs = [v["step"] for v in validations]
+        ax3.plot(vs, [v["accuracy"] for v in validations], marker="o", label="accuracy (greedy)")
+        ax3.plot(vs, [v["agreement"] for v in validations], marker="s", label="top-1 agreement with dense")
+        best = [v for v in validations if v.get("best")]
+        if best:
+            ax3.scatter([best[-1]["step"]], [best[-1]["accuracy"]], s=160, facecolors="none", edgecolors="k",
+                        label="kept")
+        if dense_accuracy is not None:
+            ax3.axhline(dense_accuracy, color="gray", linestyle="--", linewidth=0.8, label="dense accuracy")
+        ax3.set_ylim(0, 1.05)
+        ax3.legend(fontsize=8, loc="lower right")
+    ax3.set_xlabel("optimizer step (0: the input model)")
+    ax3.set_title("validation")
     xs = list(range(len(layers)))
     width = 0.38
     kept = [l["weight_kept"] if l["weight_kept"] is not None else float("nan") for l in layers]
@@ -97,16 +116,22 @@ def plot_run(records: list[dict], layers: list[dict], path: Path) -> Path:
     return path
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, with_validation: bool = True) -> str:
     lines = [
         f"steps {summary['steps']} / {summary['total_steps']}, final loss {summary['final_loss']:.4f} "
         f"(first {summary['first_loss']:.4f}), {summary['train_seconds']:.1f} s, "
         f"{summary['tokens_per_s']:.0f} tokens/s, {summary['samples']} samples"
         + (f" ({summary['skipped_rows']} bad rows skipped)" if summary["skipped_rows"] else ""),
-        "layer  ratio  kept/total    w(kept)  w(skipped)",
+        "layer  ratio  kept/total    w(kept)  w(skipped)  router moved",
     ]
     for l in summary["layers"]:
         wk = "-" if l["weight_kept"] is None else f"{l['weight_kept']:.4f}"
         ws = "-" if l["weight_skipped"] is None else f"{l['weight_skipped']:.4f}"
-        lines.append(f"{l['layer']:>5}  {l['ratio']:.3f}  {l['kept']:>5}/{l['total']:<6}  {wk:>8}  {ws:>10}")
+        moved = "-" if l.get("router_moved") is None else f"{l['router_moved']:.3g}"
+        lines.append(f"{l['layer']:>5}  {l['ratio']:.3f}  {l['kept']:>5}/{l['total']:<6}  {wk:>8}  {ws:>10}  "
+                     f"{moved:>12}")
+    if with_validation and summary.get("validation"):
+        from .finetune import final_line
+
+        lines.append(final_line(summary))
     return "\n".join(lines)

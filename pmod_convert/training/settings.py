@@ -14,16 +14,19 @@ from ..errors import RecipeError
 from ..recipe import build_settings, read_yaml_mapping
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LOSSES = ("kl", "ce", "mix")
+DISTILL_POSITIONS = ("answer", "text")
+SELECT_BY = ("accuracy", "kl")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 # Settings that may change when a run is resumed: none of them changes the computed weights. (max_steps
 # and epochs may not: they set the length of the cosine schedule.)
-RESUMABLE_CHANGES = ("save_steps", "keep_checkpoints", "log_steps", "stats_samples", "num_workers")
+RESUMABLE_CHANGES = ("save_steps", "keep_checkpoints", "log_steps", "stats_samples", "num_workers", "strict")
 
 
 @dataclass
 class FinetuneSettings:
-    """Everything that defines a finetune run. Defaults follow the issue (LoRA r 8 / alpha 16, lr 2e-4)."""
+    """Everything that defines a finetune run (LoRA r 8 / alpha 16; objective, lrs and batch by measurement)."""
 
     # LoRA on the language model (lora_r = 0: routers (and nothing else) are trained, no peft adapter)
     lora_r: int = 8
@@ -34,24 +37,42 @@ class FinetuneSettings:
     qlora: bool = False  # base language model quantized to 4-bit nf4 with bitsandbytes
     dtype: str = "auto"  # dtype the base weights are loaded in (QLoRA: the compute dtype)
 
+    # Objective (see docs/finetuning.md). The teacher is the same weights run dense: routing off, LoRA off.
+    loss: str = "kl"  # kl: KL(dense teacher || student); ce: label cross-entropy; mix: kl + ce_weight * ce
+    ce_weight: float = 0.5  # weight of the label cross-entropy in "mix"
+    distill_temperature: float = 1.0  # softmax temperature of teacher and student (loss scaled by T^2)
+    distill_positions: str = "answer"  # answer: labelled positions; text: every text position after the image
+    router_rank_coef: float = 1.0  # teacher-attention ranking loss on every router (0: off)
+    router_rank_temperature: float = 0.1  # router logits / this temperature form the ranking distribution
+
     # Routing during training
     router_aux_coef: float = 0.0  # gamma-MoD router loss: BCE(router logits, top-k selection); ~0.01
     route_text: bool = False  # gamma-MoD masked routing learning: answer text is routed too, instructions never
     shared_router: bool = False  # one router (the same parameters) in every MoD layer
 
-    # Optimisation
-    lr: float = 2e-4
-    router_lr: float | None = None  # None: same as lr
+    # Optimisation (defaults chosen on benchmarks/accuracy.py; see docs/finetuning.md)
+    lr: float = 1e-4  # LoRA / projector
+    router_lr: float | None = 1e-3  # None: same as lr
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     batch_size: int = 1  # per process
-    grad_accum: int = 1
+    grad_accum: int | None = None  # None: sized from the data to reach an effective batch of about 16
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+
+    # Validation and model selection
+    val_fraction: float = 0.05  # share of the training rows held out when no val_data is given
+    val_min: int = 32  # held-out rows at least (fewer rows than 2 * val_min: validate on training rows)
+    val_max: int = 256  # held-out rows at most
+    eval_steps: int | None = None  # validate every N optimizer steps (None: about 8 times per run)
+    select_by: str = "accuracy"  # accuracy (ties broken by lower KL) or kl: what "best" means
+    keep_best: bool = True  # output the best validated weights (the input's when nothing beat them)
+    strict: bool = False  # exit non-zero when the finetune could not beat its input on validation
+    val_max_new_tokens: int = 16
 
     # Data
     skip_bad_rows: bool = False
@@ -83,8 +104,16 @@ class FinetuneSettings:
         need(not (self.qlora and self.lora_r == 0), "qlora trains LoRA adapters on a 4-bit base; set lora_r >= 1")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.router_aux_coef >= 0, f"router_aux_coef must be >= 0, got {self.router_aux_coef}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.router_lr is None or self.router_lr > 0, f"router_lr must be > 0, got {self.router_lr}")
+        need(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        need(self.ce_weight >= 0, f"ce_weight must be >= 0, got {self.ce_weight}")
+        need(self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}")
+        need(self.distill_positions in DISTILL_POSITIONS,
+             f"distill_positions must be one of {', '.join(DISTILL_POSITIONS)}, got {self.distill_positions!r}")
+        need(self.router_rank_coef >= 0, f"router_rank_coef must be >= 0, got {self.router_rank_coef}")
+        need(self.router_rank_temperature > 0,
+             f"router_rank_temperature must be > 0, got {self.router_rank_temperature}")
+        need(self.lr >= 0, f"lr must be >= 0 (0 changes nothing), got {self.lr}")
+        need(self.router_lr is None or self.router_lr >= 0, f"router_lr must be >= 0, got {self.router_lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.max_grad_norm is None or self.max_grad_norm > 0,
@@ -92,7 +121,13 @@ class FinetuneSettings:
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.grad_accum is None or self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(0.0 <= self.val_fraction < 0.5, f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        need(self.val_min >= 1 and self.val_max >= self.val_min,
+             f"need 1 <= val_min <= val_max, got {self.val_min} and {self.val_max}")
+        need(self.eval_steps is None or self.eval_steps >= 1, f"eval_steps must be >= 1, got {self.eval_steps}")
+        need(self.select_by in SELECT_BY, f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}")
+        need(self.val_max_new_tokens >= 1, f"val_max_new_tokens must be >= 1, got {self.val_max_new_tokens}")
         need(self.mixed_precision in MIXED_PRECISION,
              f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         need(self.max_length is None or self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
@@ -107,6 +142,19 @@ class FinetuneSettings:
     @property
     def effective_router_lr(self) -> float:
         return self.lr if self.router_lr is None else self.router_lr
+
+    def accumulation(self, train_samples: int, num_processes: int = 1) -> int:
+        """Micro-batches per optimizer step: ``grad_accum``, or sized from the data when it is None.
+
+        Auto: an effective batch (samples per optimizer step over all processes) of 16, lowered so that a
+        run over ``train_samples`` still has at least 16 optimizer steps per epoch. Batch 1 steps on two
+        answer tokens per row swing the loss by three orders of magnitude; see docs/finetuning.md.
+        """
+        if self.grad_accum is not None:
+            return self.grad_accum
+        per_micro = self.batch_size * num_processes
+        effective = max(1, min(16, train_samples // 16))
+        return max(1, -(-effective // per_micro))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,126 @@
+"""Validation during a finetune: how close the MoD model is to the dense model it came from, and how it answers.
+
+On held-out samples (``--val-data``, or a fraction of the training rows), measured before the first step and
+every ``eval_steps`` steps:
+
+* ``agreement``: top-1 agreement of the MoD model's next-token prediction with the dense model's, at the
+  answer positions (teacher forcing);
+* ``kl``: mean KL(dense || MoD) per answer position, in nats;
+* ``loss``: mean label cross-entropy per answer token;
+* ``accuracy``: exact-match accuracy of greedy answers (``pmod_convert.evaluation.answer_samples``).
+
+The dense references come from the same weights with routing and adapters off (see ``distill.Teacher``) and
+are computed once. :func:`better` orders results: by accuracy, then agreement, then lower KL (``accuracy``),
+or by KL alone (``kl``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import IGNORE, collate, model_inputs
+from ..devices import to_device
+from ..evaluation.evaluate import answer_samples
+from .data import PADDING_SIDE, TrainingData
+
+
+@dataclass
+class ValidationResult:
+    step: int
+    accuracy: float  # greedy exact-match accuracy (0..1)
+    agreement: float  # top-1 agreement with the dense model at answer positions (0..1)
+    kl: float  # mean KL(dense || model) per answer position (nats)
+    loss: float  # mean label cross-entropy per answer token (nats)
+    samples: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key(self, select_by: str) -> tuple:
+        """Larger is better."""
+        if select_by == "kl":
+            return (-self.kl,)
+        return (round(self.accuracy, 9), round(self.agreement, 9), -self.kl)
+
+
+def better(a: ValidationResult, b: ValidationResult, select_by: str) -> bool:
+    """True when ``a`` is strictly better than ``b`` under ``select_by`` (ties keep ``b``)."""
+    return a.key(select_by) > b.key(select_by)
+
+
+class Validator:
+    """Held-out samples, their dense references, and :meth:`run` to measure a model on them.
+
+    ``data``: the validation samples (a :class:`TrainingData`, already encoded and checked).
+    ``teacher``: a ``distill.Teacher`` of the training model (gives the dense references and dense accuracy).
+    """
+
+    def __init__(self, data: TrainingData, teacher, device: torch.device, *, batch_size: int = 8,
+                 max_new_tokens: int = 16, progress: bool = False, source: str = "validation"):
+        self.data, self.device, self.batch_size = data, device, max(1, batch_size)
+        self.max_new_tokens, self.progress, self.source = max_new_tokens, progress, source
+        self.batches = [
+            collate([data.encode(i) for i in range(s, min(s + self.batch_size, len(data)))],
+                    pad_token_id=data.encoder.pad_token_id, padding_side=PADDING_SIDE)
+            for s in range(0, len(data), self.batch_size)
+        ]
+        self.references: list[torch.Tensor] = []  # per batch: dense log-probs [n_answer, vocab] (CPU)
+        for batch in self.batches:
+            logits = teacher.forward(to_device(model_inputs(batch), device))
+            chosen = batch["labels"][:, 1:] != IGNORE
+            self.references.append(torch.log_softmax(logits[:, :-1][chosen.to(logits.device)].float(), -1).cpu())
+        from ..mod.context import routing_disabled
+
+        with routing_disabled(teacher.bare):
+            peft = getattr(teacher.model, "disable_adapter", None)
+            ctx = peft() if peft is not None and hasattr(teacher.model, "peft_config") else contextlib.nullcontext()
+            with ctx:
+                self.dense_accuracy = self._accuracy(teacher.model)
+
+    def _accuracy(self, model: nn.Module) -> float:
+        answers = answer_samples(model, self.data.encoder, self.data.samples, batch_size=self.batch_size,
+                                 max_new_tokens=self.max_new_tokens, source=self.source, progress=self.progress)
+        return answers.accuracy or 0.0
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, step: int) -> ValidationResult:
+        """Measure ``model`` (the training model, peft-wrapped allowed, outside DDP) after ``step`` steps."""
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        agree = kl = ce = 0.0
+        count = 0
+        try:
+            for batch, reference in zip(self.batches, self.references):
+                logits = model(**to_device(model_inputs(batch), self.device), use_cache=False).logits
+                labels = batch["labels"][:, 1:]
+                chosen = labels != IGNORE
+                picked = logits[:, :-1][chosen.to(logits.device)].float().cpu()
+                if picked.shape[0] == 0:
+                    continue
+                logp = torch.log_softmax(picked, -1)
+                agree += float((logp.argmax(-1) == reference.argmax(-1)).sum())
+                kl += float(F.kl_div(logp, reference, log_target=True, reduction="sum"))
+                ce += float(F.cross_entropy(picked, labels[chosen], reduction="sum"))
+                count += picked.shape[0]
+            accuracy = self._accuracy(model)
+        finally:
+            model.train(was_training)
+        n = max(count, 1)
+        return ValidationResult(step=step, accuracy=accuracy, agreement=agree / n, kl=kl / n, loss=ce / n,
+                                samples=len(self.data), seconds=time.perf_counter() - start)
+
+
+def eval_schedule(total_steps: int, eval_steps: int | None) -> set[int]:
+    """Steps after which to validate: every ``eval_steps`` (default about 8 times a run) and the last."""
+    every = eval_steps if eval_steps is not None else max(1, math.ceil(total_steps / 8))
+    return {s for s in range(every, total_steps + 1, every)} | {total_steps}

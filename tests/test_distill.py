@@ -1,0 +1,180 @@
+"""Finetuning that cannot make a model worse: dense teacher, losses, validation, keep-best, lr 0 = identity.
+
+Real transformers + peft on a tiny LLaVA converted with MoD layers 1-3 (layer 3 is the last decoder layer).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from pmod_convert import Recipe, ScheduleSettings, convert, load_dense, load_pretrained
+from pmod_convert.cli import app
+from pmod_convert.data import IGNORE, SampleEncoder, collate, model_inputs, read_samples
+from pmod_convert.evaluation.evaluate import answer_samples
+from pmod_convert.training import REPORT_DIR, FinetuneSettings, finetune
+from pmod_convert.training.data import load_training_data, split_validation
+from pmod_convert.training.distill import Teacher
+from pmod_convert.training.losses import distill_loss_sum, distill_positions, router_rank_loss
+from pmod_convert.training.lora import load_base, prepare_for_training
+from pmod_convert.training.routing import RouterTaps
+
+MOD_LAYERS = [1, 2, 3]
+QUIET = dict(save_steps=0, stats_samples=4)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    from pmod_convert.tiny import save_tiny_checkpoint
+
+    save_tiny_checkpoint("llava", root / "dense")
+    convert(root / "dense", root / "mod",
+            Recipe(schedule=ScheduleSettings(kind="constant", ratio=0.5, layers=MOD_LAYERS)))
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+    rows = [{"id": f"s{i}", "image": f"img{i % 6}.png",
+             "conversations": [{"from": "human", "value": f"<image>\nw{40 + i % 5} w41 w42"},
+                               {"from": "gpt", "value": f"w{100 + i % 3} w101"}]} for i in range(12)]
+    (root / "train.json").write_text(json.dumps(rows))
+    return root
+
+
+def _batch(ws: Path, n: int = 4):
+    enc = SampleEncoder.from_pretrained(ws / "mod")
+    samples = read_samples(ws / "train.json", ws / "images").samples[:n]
+    return enc, samples, collate([enc.encode(s) for s in samples], enc.pad_token_id, padding_side="right")
+
+
+def test_teacher_is_the_dense_model_with_adapters_and_routing_off(ws):
+    """The teacher pass of a LoRA-wrapped MoD model with trained-looking routers gives the dense logits."""
+    s = FinetuneSettings(lora_r=4)
+    model = prepare_for_training(load_base(ws / "mod", s), s)
+    with torch.no_grad():  # make the student differ from dense in every way a finetune can
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "pmod_router" in name:
+                p.normal_(std=0.2)
+    enc, _, batch = _batch(ws)
+    inputs = model_inputs(batch)
+    dense = load_dense(ws / "dense")
+    with torch.no_grad():
+        expected = dense(**inputs).logits
+        student = model(**inputs).logits
+    teacher = Teacher(model, sorted(enc.vision_ids), attention=True)
+    got = teacher.forward(inputs)
+    assert (student - expected).abs().max() > 1e-2  # the student really is different
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)  # eager teacher vs sdpa dense
+    assert model.training  # the training mode is restored
+    assert model.config._attn_implementation == "sdpa"  # and the attention implementation
+    assert sorted(teacher.received) == MOD_LAYERS
+    vision = batch["input_ids"] == model.config.image_token_id
+    for layer, received in teacher.received.items():
+        # attention from the text after the image, averaged over heads and queries, sums to <= 1 per row
+        assert received.shape == vision.shape
+        assert bool((received[vision] > 0).all())
+        assert bool((received.sum(1) <= 1 + 1e-5).all()) and bool((received[vision].sum() > 0))
+
+
+def test_distillation_losses():
+    torch.manual_seed(0)
+    labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 5, 6, IGNORE]])
+    ids = torch.tensor([[1, 9, 9, 2, 5, 6]])  # 9 = vision
+    mask = torch.ones_like(ids)
+    answer = distill_positions(labels, ids, mask, [9], "answer")
+    text = distill_positions(labels, ids, mask, [9], "text")
+    assert answer.tolist() == [[False, False, True, True, False]]
+    assert text.tolist() == [[False, False, True, True, True]]  # text after the image, labelled or not
+    student = torch.randn(1, 6, 11, requires_grad=True)
+    same, n = distill_loss_sum(student, student.detach(), answer)
+    assert n == 2 and float(same) == pytest.approx(0.0, abs=1e-6)
+    teacher = torch.randn(1, 6, 11)
+    kl, _ = distill_loss_sum(student, teacher, answer, temperature=2.0)
+    p = torch.log_softmax(teacher[0, 2:4] / 2, -1)
+    q = torch.log_softmax(student[0, 2:4].detach() / 2, -1)
+    assert float(kl) == pytest.approx(float(4 * (p.exp() * (p - q)).sum()), rel=1e-5)
+
+
+def test_router_rank_loss_is_zero_when_the_router_ranks_like_the_teacher():
+    from pmod_convert.training.routing import RouterRecord
+
+    attention = torch.tensor([[0.0, 0.1, 0.3, 0.6, 0.0]])
+    vision = torch.tensor([[False, True, True, True, False]])
+    matched = torch.log(attention.clamp_min(1e-9)) * 0.1  # softmax(logits / 0.1) == attention on vision
+    wrong = -matched
+    loss_ok, n = router_rank_loss([RouterRecord(2, matched, vision, vision, matched)], {2: attention}, vision, 0.1)
+    loss_bad, _ = router_rank_loss([RouterRecord(2, wrong, vision, vision, wrong)], {2: attention}, vision, 0.1)
+    assert n == 1 and float(loss_ok) == pytest.approx(0.0, abs=1e-6) and float(loss_bad) > 0.5
+
+
+def test_lr_zero_gives_back_the_input_exactly(ws, tmp_path):
+    """A finetune that changes nothing returns its input's logits (1e-6) and greedy answers token for token."""
+    settings = FinetuneSettings(lr=0.0, router_lr=0.0, max_steps=3, warmup_ratio=0.0, keep_best=False, **QUIET)
+    summary = finetune(ws / "mod", ws / "train.json", ws / "images", out=tmp_path / "ft", settings=settings,
+                       show_progress=False)
+    assert summary["steps"] == 3
+    before, after = load_pretrained(ws / "mod"), load_pretrained(tmp_path / "ft")
+    enc, samples, batch = _batch(ws, 12)
+    with torch.no_grad():
+        a, b = before(**model_inputs(batch)).logits, after(**model_inputs(batch)).logits
+    assert (a - b).abs().max() <= 1e-6
+    ans_a = answer_samples(before, enc, samples, progress=False, max_new_tokens=6)
+    ans_b = answer_samples(after, enc, samples, progress=False, max_new_tokens=6)
+    assert [r["prediction"] for r in ans_a.records] == [r["prediction"] for r in ans_b.records]
+
+
+def test_a_destructive_finetune_keeps_the_input_and_strict_fails(ws, tmp_path):
+    """lr 1.0 wrecks the tiny model; validation sees it, the output keeps the input's weights, --strict exits 3."""
+    args = ["finetune", str(ws / "mod"), "--data", str(ws / "train.json"), "--image-folder", str(ws / "images"),
+            "--out", str(tmp_path / "ft"), "--lr", "1.0", "--router-lr", "10", "--max-steps", "4",
+            "--warmup-ratio", "0", "--max-grad-norm", "0", "--save-steps", "0", "--stats-samples", "2",
+            "--select-by", "kl", "--strict"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
+    assert "no step beat the input" in result.output
+    summary = json.loads((tmp_path / "ft" / REPORT_DIR / "summary.json").read_text())
+    v = summary["validation"]
+    assert v["kept"] == "input" and not v["improved"]
+    assert v["last"]["kl"] > v["input"]["kl"] * 10  # the last step really was worse
+    assert [r["step"] for r in v["curve"]][0] == 0
+    before, after = load_pretrained(ws / "mod"), load_pretrained(tmp_path / "ft")
+    _, _, batch = _batch(ws, 12)
+    with torch.no_grad():
+        assert (before(**model_inputs(batch)).logits - after(**model_inputs(batch)).logits).abs().max() <= 1e-6
+    assert (tmp_path / "ft" / REPORT_DIR / "validation.jsonl").is_file()
+    assert (tmp_path / "ft" / REPORT_DIR / "finetune.png").stat().st_size > 10_000
+
+
+def test_every_router_learns_from_the_teacher_ranking(ws, tmp_path):
+    """Layer 3 is the last decoder layer: its TanhNorm weights reach no loss, so only the ranking loss moves it."""
+    common = dict(max_steps=3, warmup_ratio=0.0, lr=1e-3, router_lr=1e-2, keep_best=False, **QUIET)
+    without = finetune(ws / "mod", ws / "train.json", ws / "images", out=tmp_path / "a",
+                       settings=FinetuneSettings(router_rank_coef=0.0, **common), show_progress=False)
+    moved = {l["layer"]: l["router_moved"] for l in without["layers"]}
+    assert moved[3] == 0.0 and moved[1] > 0  # no signal reaches the last layer's router
+    with_rank = finetune(ws / "mod", ws / "train.json", ws / "images", out=tmp_path / "b",
+                         settings=FinetuneSettings(**common), show_progress=False)
+    moved = {l["layer"]: l["router_moved"] for l in with_rank["layers"]}
+    assert all(moved[i] > 1e-4 for i in MOD_LAYERS), moved
+    log = [json.loads(x) for x in (tmp_path / "b" / REPORT_DIR / "log.jsonl").read_text().splitlines()]
+    assert all(r["router_rank_loss"] > 0 and r["kl"] is not None and r["grad_norm"] > 0 for r in log)
+
+
+def test_validation_rows_are_held_out_and_grad_accum_is_sized_from_the_data(ws):
+    s = FinetuneSettings(val_min=3, val_fraction=0.25)
+    data = load_training_data(ws / "train.json", ws / "images", ws / "mod", s, show_progress=False)
+    train, held, how = split_validation(data, s)
+    assert len(held) == 3 and len(train) == 9 and "held-out" in how
+    assert not {x.id for x in train.samples} & {x.id for x in held.samples}
+    _, small, how = split_validation(data, FinetuneSettings(val_min=32))
+    assert len(small) == 12 and "too few" in how
+    assert FinetuneSettings().accumulation(1000) == 16
+    assert FinetuneSettings().accumulation(64) == 4
+    assert FinetuneSettings(batch_size=4).accumulation(1000, num_processes=2) == 2
+    assert FinetuneSettings(grad_accum=3).accumulation(1000) == 3
