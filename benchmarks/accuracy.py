@@ -1,0 +1,245 @@
+"""Accuracy of the pmod_convert pipeline on dense VLMs it did not build (``vlm_zoo``), at several FLOPs budgets.
+
+For every zoo task and seed, through pmod_convert's public Python API only:
+
+1. ``evaluate`` the dense checkpoint on the test split;
+2. ``convert`` (add-routers, published recipe), then ``calibrate`` on the calib split at each target decoder
+   FLOPs ratio (default 0.55 and 0.40), and ``evaluate``;
+3. ``finetune`` each calibrated checkpoint with DEFAULT ``FinetuneSettings`` on at most 1000 training rows,
+   and ``evaluate``.
+
+Prints one table (model, variant, FLOPs budget, measured decoder FLOPs ratio, accuracy mean +- spread over
+seeds, delta vs dense in accuracy points, blind baseline) and writes ``report.json`` and ``accuracy_vs_flops.png``
+under ``--out``. Results of finished steps are kept in ``<out>/runs/.../result.json`` and reused when the
+command is run again, so an interrupted run resumes. A failing API call is recorded in the report (with its
+traceback) and the run goes on.
+
+    python benchmarks/accuracy.py --out bench-accuracy                # 2 tasks x 3 seeds x 2 budgets
+    python benchmarks/accuracy.py --small --out /tmp/acc-small        # CI-sized: 1 seed, 8 finetune steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import vlm_zoo  # noqa: E402
+
+FINETUNE_ROWS = 1000  # training rows given to finetune at most
+SMALL_FINETUNE_STEPS = 8  # optimizer steps of a --small finetune
+SMALL_EVAL_ROWS = 64  # test rows evaluated in --small mode
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _subset(src: str, dest: Path, n: int) -> Path:
+    """The first ``n`` rows of a LLaVA JSON file, written to ``dest`` (same image folder)."""
+    rows = json.loads(Path(src).read_text())[:n]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(rows))
+    return dest
+
+
+def _cached(path: Path, fn: Callable[[], dict]) -> dict:
+    """``fn()``'s result, stored as JSON at ``path`` (reused when present). Errors become ``{"error": ...}``."""
+    if path.exists():
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as exc:  # an API failure is a finding of the benchmark, not a reason to stop it
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        _log(f"    FAILED: {result['error']}")
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if "error" not in result:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _eval(checkpoint: Path | str, meta: dict, test: Path) -> dict:
+    import pmod_convert
+
+    s = pmod_convert.evaluate(str(checkpoint), str(test), meta["image_folder"], batch_size=32, progress=False,
+                              device="cpu")
+    return {"accuracy": s.accuracy, "samples": s.samples, "decoder_flops_ratio": s.decoder_flops_ratio,
+            "kv_ratio": s.kv_ratio, "layer_ratios": s.layer_ratios}
+
+
+def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_rows: int | None = None,
+            finetune_steps: int | None = None, calib_samples: int = 128) -> list[dict]:
+    """All variants of one zoo model (one task, one seed). Returns result rows (accuracy as fractions).
+
+    ``small``: the CI-sized path (``SMALL_EVAL_ROWS`` test rows, ``SMALL_FINETUNE_STEPS`` finetune steps on 64
+    rows); ``eval_rows`` / ``finetune_steps`` override those sizes (tests); ``calib_samples``: calibration rows.
+    """
+    import pmod_convert
+
+    work.mkdir(parents=True, exist_ok=True)
+    eval_rows = eval_rows if eval_rows is not None else (SMALL_EVAL_ROWS if small else None)
+    finetune_steps = finetune_steps if finetune_steps is not None else (SMALL_FINETUNE_STEPS if small else None)
+    test = Path(meta["test"]) if eval_rows is None else _subset(meta["test"], work / "test-subset.json", eval_rows)
+    train = _subset(meta["train"], work / "finetune-train.json", FINETUNE_ROWS if not small else 64)
+    base = {"task": meta["task"], "seed": meta["seed"], "blind_accuracy": meta["blind_accuracy"]}
+    rows = []
+    _log(f"{meta['task']} seed {meta['seed']}: dense eval")
+    r = _cached(work / "dense" / "result.json", lambda: _eval(meta["checkpoint"], meta, test))
+    rows.append({**base, "variant": "dense", "budget": 1.0, **r})
+    _log(f"    dense accuracy {r.get('accuracy')}")
+
+    converted = work / "converted"
+    for budget in budgets:
+        tag = f"{budget:.2f}"
+        calibrated = work / f"calibrated-{tag}"
+        finetuned = work / f"finetuned-{tag}"
+
+        def do_calibrate() -> dict:
+            if not converted.exists():
+                pmod_convert.convert(meta["checkpoint"], converted)
+            n_calib = len(json.loads(Path(meta["calib"]).read_text()))
+            res = pmod_convert.calibrate(converted, meta["calib"], meta["image_folder"], out=calibrated,
+                                         target_flops=budget, samples=min(calib_samples, n_calib), overwrite=True,
+                                         progress=False)
+            return {"calibrated_ratios": res.ratios, **_eval(calibrated, meta, test)}
+
+        _log(f"{meta['task']} seed {meta['seed']}: convert + calibrate to {tag} FLOPs, eval")
+        r = _cached(work / f"calibrated-{tag}.json", do_calibrate)
+        rows.append({**base, "variant": "calibrated", "budget": budget, **r})
+        _log(f"    calibrated accuracy {r.get('accuracy')} (decoder FLOPs {r.get('decoder_flops_ratio')})")
+        if "error" in r:
+            continue
+
+        def do_finetune() -> dict:
+            settings = pmod_convert.FinetuneSettings()  # the library's defaults
+            if finetune_steps is not None:
+                settings = dataclasses.replace(settings, max_steps=finetune_steps)
+            summary = pmod_convert.finetune(calibrated, train, meta["image_folder"], out=finetuned,
+                                            settings=settings, overwrite=True, show_progress=False)
+            keep = {k: summary.get(k) for k in ("steps", "wall_seconds", "best_step") if k in summary}
+            return {"finetune": keep, "finetune_settings": settings.to_dict(), **_eval(finetuned, meta, test)}
+
+        _log(f"{meta['task']} seed {meta['seed']}: finetune at {tag} FLOPs (default settings, "
+             f"{'small' if small else f'<= {FINETUNE_ROWS} rows'}), eval")
+        r = _cached(work / f"finetuned-{tag}.json", do_finetune)
+        rows.append({**base, "variant": "finetuned", "budget": budget, **r})
+        _log(f"    finetuned accuracy {r.get('accuracy')}")
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and spread (population std, accuracy fractions) over seeds per (task, variant, budget)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["variant"], r["budget"]), []).append(r)
+    dense = {t: [r["accuracy"] for r in g if r.get("accuracy") is not None]
+             for (t, v, _), g in groups.items() if v == "dense"}
+    out = []
+    for (task, variant, budget), group in groups.items():
+        accs = [r["accuracy"] for r in group if r.get("accuracy") is not None]
+        flops = [r["decoder_flops_ratio"] for r in group if r.get("decoder_flops_ratio") is not None]
+        mean = statistics.fmean(accs) if accs else None
+        d = dense.get(task) or []
+        out.append({
+            "task": task, "variant": variant, "budget": budget, "seeds": len(accs),
+            "failed": sum("error" in r for r in group),
+            "accuracy_mean": mean, "accuracy_spread": statistics.pstdev(accs) if len(accs) > 1 else 0.0 if accs else None,
+            "delta_vs_dense": None if mean is None or not d else mean - statistics.fmean(d),
+            "decoder_flops_ratio": statistics.fmean(flops) if flops else None,
+            "blind_accuracy": statistics.fmean(r["blind_accuracy"] for r in group),
+        })
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    def pct(x: float | None, signed: bool = False) -> str:
+        return "-" if x is None else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}")
+
+    head = ("model", "variant", "FLOPs budget", "decoder FLOPs", "accuracy % (mean ± sd)", "Δ vs dense (pts)",
+            "blind %", "seeds")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        acc = "failed" if s["accuracy_mean"] is None else f"{pct(s['accuracy_mean'])} ± {pct(s['accuracy_spread'])}"
+        seeds = f"{s['seeds']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+        lines.append("| " + " | ".join([s["task"], s["variant"], f"{s['budget']:.2f}", pct(s["decoder_flops_ratio"]),
+                                         acc, pct(s["delta_vs_dense"], True), pct(s["blind_accuracy"]), seeds]) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for task in sorted({s["task"] for s in summary}):
+        dense = next((s for s in summary if s["task"] == task and s["variant"] == "dense"), None)
+        for variant, style in (("calibrated", "o--"), ("finetuned", "s-")):
+            pts = sorted((s["decoder_flops_ratio"] or s["budget"], s["accuracy_mean"], s["accuracy_spread"] or 0.0)
+                         for s in summary if s["task"] == task and s["variant"] == variant
+                         and s["accuracy_mean"] is not None)
+            if dense is not None and dense["accuracy_mean"] is not None:
+                pts.append((1.0, dense["accuracy_mean"], dense["accuracy_spread"] or 0.0))
+            if pts:
+                xs, ys, es = zip(*sorted(pts))
+                ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], fmt=style, capsize=3,
+                            label=f"{task} {variant}")
+        blind = next(s["blind_accuracy"] for s in summary if s["task"] == task)
+        ax.axhline(100 * blind, linestyle=":", linewidth=1, color="gray")
+    ax.set_xlabel("decoder FLOPs (MoD / dense)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("pmod_convert on zoo VLMs (dotted: blind baselines)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench-accuracy", help="output folder (report.json, PNG, runs/)")
+    parser.add_argument("--tasks", nargs="+", default=list(vlm_zoo.TASKS), choices=list(vlm_zoo.TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (--small: 0)")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.55, 0.40],
+                        help="target decoder FLOPs ratios (MoD / dense)")
+    parser.add_argument("--cache-dir", default=str(vlm_zoo.DEFAULT_CACHE), help="zoo models and data")
+    parser.add_argument("--small", action="store_true",
+                        help=f"CI-sized: 1 seed, {SMALL_EVAL_ROWS} test rows, {SMALL_FINETUNE_STEPS} finetune steps")
+    args = parser.parse_args(argv)
+    seeds = args.seeds if args.seeds is not None else ([0] if args.small else [0, 1, 2])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    models = []
+    for task in args.tasks:
+        for seed in seeds:
+            _log(f"zoo model {task} seed {seed} (cached after the first build)")
+            meta = vlm_zoo.build(task, seed, args.cache_dir, log=_log)
+            models.append({k: meta[k] for k in ("task", "seed", "architecture", "checkpoint", "dense_accuracy",
+                                                "blind_accuracy", "train_seconds")})
+            rows += run_one(meta, args.budgets, out / "runs" / ("small" if args.small else "full") / meta["key"],
+                            args.small)
+    summary = aggregate(rows)
+    text = table(summary)
+    print(text)
+    report = {"small": args.small, "budgets": args.budgets, "seeds": seeds, "models": models,
+              "summary": summary, "runs": rows}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plot(summary, out / "accuracy_vs_flops.png")
+    _log(f"wrote {out / 'report.json'} and {out / 'accuracy_vs_flops.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

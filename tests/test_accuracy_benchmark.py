@@ -1,0 +1,65 @@
+"""CI-sized check of the accuracy benchmark (benchmarks/vlm_zoo.py + benchmarks/accuracy.py).
+
+A tiny zoo model is trained from scratch by plain torch/transformers code (reduced rows and steps), then:
+its dense test accuracy must be clearly above its blind baseline, it must load with
+``pmod_convert.load_dense``, and the benchmark's ``--small`` pipeline (evaluate, convert, calibrate,
+finetune, evaluate) must run end to end on it and produce a report. Budget: well under 90 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import accuracy  # noqa: E402
+import vlm_zoo  # noqa: E402
+
+# Colour-only questions on the object task train fastest; a small decoder and a short run (s: seconds on 1 core).
+TINY = replace(vlm_zoo.TASKS["object"], n_train=1200, n_val=64, n_test=96, n_calib=16, hidden=64, layers=4,
+               steps=240, eval_every=60, target_val=0.9, max_seconds=50.0, kinds=("colour",), object_cells=3, lr=4e-3)
+
+
+@pytest.fixture(scope="module")
+def zoo_model(tmp_path_factory):
+    return vlm_zoo.build("object", seed=0, cache_dir=tmp_path_factory.mktemp("zoo"), config=TINY, log=lambda m: None)
+
+
+def test_zoo_model_beats_blind_and_is_cached(zoo_model, tmp_path):
+    assert zoo_model["blind_accuracy"] <= 0.5
+    assert zoo_model["dense_accuracy"] >= zoo_model["blind_accuracy"] + 0.2, zoo_model
+    rows = json.loads(Path(zoo_model["test"]).read_text())
+    assert rows[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert (Path(zoo_model["image_folder"]) / rows[0]["image"]).exists()
+    again = vlm_zoo.build("object", seed=0, cache_dir=Path(zoo_model["root"]).parent, config=TINY,
+                          log=lambda m: pytest.fail("rebuilt although cached: " + m))
+    assert again["dense_accuracy"] == zoo_model["dense_accuracy"]
+
+
+def test_checkpoint_loads_with_pmod_convert(zoo_model):
+    import pmod_convert
+
+    model = pmod_convert.load_dense(zoo_model["checkpoint"])
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert model.config.text_config.model_type == "llama"
+
+
+def test_small_pipeline_runs_end_to_end(zoo_model, tmp_path):
+    rows = accuracy.run_one(zoo_model, [0.55], tmp_path / "run", small=True, eval_rows=32, finetune_steps=2,
+                            calib_samples=16)
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {"dense", "calibrated", "finetuned"}
+    for r in rows:
+        assert "error" not in r, r.get("traceback")
+        assert 0.0 <= r["accuracy"] <= 1.0
+    assert by_variant["calibrated"]["decoder_flops_ratio"] < 0.7
+    summary = accuracy.aggregate(rows)
+    assert "calibrated" in accuracy.table(summary)
+    accuracy.plot(summary, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
