@@ -2,8 +2,10 @@
 
 A row looks like ``{"id": ..., "image": "rel/path.png" | ["a.png", ...], "conversations": [{"from": "human",
 "value": "<image>\\nQuestion"}, {"from": "gpt", "value": "Answer"}, ...]}``. Image paths are relative to an
-image folder. ``<image>`` markers say where an image goes; rows without markers get their images at the start
-of the first human turn (LLaVA's convention). Images may only appear in the first human turn.
+image folder. ``<image>`` markers say where an image goes (``Sample.parts``); rows without markers get their
+images at the start of the first human turn (LLaVA's convention). Images may only appear in the first human turn.
+Video rows (a ``video`` / ``videos`` key or a ``<video>`` marker) are refused: no video processor is used, and a
+dangling ``<video>`` token without video features would train on inputs the row did not mean.
 """
 
 from __future__ import annotations
@@ -16,17 +18,35 @@ from pathlib import Path
 from ..errors import DataError
 
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
 class Sample:
-    """One conversation: resolved image paths and ``(role, text)`` turns with image markers removed."""
+    """One conversation: resolved image paths and ``(role, text)`` turns with image markers removed.
+
+    ``parts``: where the row's ``<image>`` markers put its images in the first human turn, as that turn's
+    text pieces (stripped, empty ones dropped) with ``None`` for each image, in order; ``None`` when the row
+    has no markers (the images go at the start of the first human turn).
+    """
 
     id: str
     images: list[Path]
     turns: list[tuple[str, str]]
     row: int  # 1-based row number in the source file (line number for JSONL)
+    parts: list[str | None] | None = None
+
+
+def split_markers(text: str) -> list[str | None]:
+    """``text`` as its pieces between ``<image>`` markers (stripped, empty ones dropped), ``None`` per marker."""
+    out: list[str | None] = []
+    for k, piece in enumerate(text.split(IMAGE_MARKER)):
+        if k:
+            out.append(None)
+        if piece.strip():
+            out.append(piece.strip())
+    return out
 
 
 @dataclass
@@ -49,7 +69,8 @@ def read_samples(path: str | Path, image_folder: str | Path | None = None, *, sk
 
     Raises:
         DataError: the file or image folder is missing, the file is not JSON / JSONL, or a row is bad (a
-            missing, unreadable or outside image, malformed turns); bad rows are skipped and counted instead
+            missing, unreadable or outside image, malformed turns, a video row); bad rows are skipped and counted
+            instead
             with ``skip_bad_rows``.
     """
     path = Path(path)
@@ -114,9 +135,15 @@ def _parse(record: object, row: int, folder: Path, allow_outside_images: bool = 
     if not allow_outside_images:
         for name in names:
             _check_inside(folder, name, where)
+    videos = [key for key in ("video", "videos") if key in record]
+    if videos or any(isinstance(t, dict) and VIDEO_MARKER in str(t.get("value", "")) for t in conversations):
+        what = f"a {videos[0]!r} key" if videos else "a <video> marker"
+        raise DataError(f"{where} is a video row ({what}); video rows are not supported (images only), drop the "
+                        "row or pass --skip-bad-rows to skip it")
     images = [_check_image(folder / name, where) for name in names]
 
     turns: list[tuple[str, str]] = []
+    parts: list[str | None] | None = None
     markers = 0
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
@@ -128,6 +155,8 @@ def _parse(record: object, row: int, folder: Path, allow_outside_images: bool = 
         if count and (role != "user" or any(r == "user" for r, _ in turns)):
             raise DataError(f"{where}: <image> may only appear in the first human turn")
         markers += count
+        if count:
+            parts = split_markers(turn["value"])
         turns.append((role, turn["value"].replace(IMAGE_MARKER, "").strip()))
     if markers not in (0, len(images)):
         raise DataError(f"{where} has {markers} <image> markers but {len(images)} images")
@@ -137,7 +166,7 @@ def _parse(record: object, row: int, folder: Path, allow_outside_images: bool = 
         raise DataError(f"{where} has no gpt answer")
     if turns[0][0] == "assistant":
         raise DataError(f"{where} starts with a gpt turn; the first turn must be human (or system)")
-    return Sample(id=sid, images=images, turns=turns, row=row)
+    return Sample(id=sid, images=images, turns=turns, row=row, parts=parts)
 
 
 def _check_inside(folder: Path, name: str, where: str) -> None:
