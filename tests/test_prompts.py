@@ -295,3 +295,16 @@ def test_qwen_placeholders_are_expanded_without_separators(root):
     inputs = enc.encode_prompt([root / "img" / "red.png"], "w40")
     n = int((inputs["input_ids"] == 8).sum())
     assert n > 1 and "<|vision_start|> " + "<|image_pad|>" * n + " <|vision_end|>" in seen[-1]
+
+
+def test_finetune_data_names_or_counts_rows_the_template_cannot_express(root):
+    from pmod_convert.training.data import load_training_data
+    from pmod_convert.training.settings import FinetuneSettings
+
+    path = _variant(root, "llava", "tokenizer_bos", template=LLAVA_HF_TEMPLATE)
+    rows = root / "finetune.json"
+    rows.write_text(json.dumps(ROWS))
+    with pytest.raises(DataError, match=r"row 2 \(id 'question-first'\): the llava chat template cannot place images"):
+        load_training_data(rows, root / "img", path, FinetuneSettings(), show_progress=False)
+    data = load_training_data(rows, root / "img", path, FinetuneSettings(skip_bad_rows=True), show_progress=False)
+    assert [s.id for s in data.samples] == ["image-first", "no-marker", "text-only"]
