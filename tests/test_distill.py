@@ -101,16 +101,22 @@ def test_distillation_losses():
     assert float(kl) == pytest.approx(float(4 * (p.exp() * (p - q)).sum()), rel=1e-5)
 
 
-def test_router_rank_loss_is_zero_when_the_router_ranks_like_the_teacher():
+def test_router_rank_loss_follows_the_order_of_the_teacher_attention():
     from pmod_convert.training.routing import RouterRecord
 
-    attention = torch.tensor([[0.0, 0.1, 0.3, 0.6, 0.0]])
-    vision = torch.tensor([[False, True, True, True, False]])
-    matched = torch.log(attention.clamp_min(1e-9)) * 0.1  # softmax(logits / 0.1) == attention on vision
-    wrong = -matched
-    loss_ok, n = router_rank_loss([RouterRecord(2, matched, vision, vision, matched)], {2: attention}, vision, 0.1)
-    loss_bad, _ = router_rank_loss([RouterRecord(2, wrong, vision, vision, wrong)], {2: attention}, vision, 0.1)
-    assert n == 1 and float(loss_ok) == pytest.approx(0.0, abs=1e-6) and float(loss_bad) > 0.5
+    attention = torch.tensor([[0.0, 0.1, 0.3, 0.6, 0.02]])
+    vision = torch.tensor([[False, True, True, True, True]])
+    log_att = torch.log(attention.clamp_min(1e-12))
+    for scale, expected in ((1.0, 0.0), (5.0, 0.0), (-1.0, 2.0)):  # any clear positive scale: order is all
+        logits = (log_att * scale).masked_fill(~vision, 123.0)  # non-vision logits are ignored
+        loss, n = router_rank_loss([RouterRecord(2, logits, vision, vision, logits)], {2: attention}, vision)
+        assert n == 1 and float(loss) == pytest.approx(expected, abs=1e-3)
+    flat = torch.zeros(1, 5, requires_grad=True)  # a fresh zero router: uncorrelated, with a finite gradient
+    loss, n = router_rank_loss([RouterRecord(2, flat, vision, vision, flat)], {2: attention}, vision)
+    loss.backward()
+    assert float(loss) == pytest.approx(1.0)
+    grad = -flat.grad[vision]
+    assert torch.isfinite(grad).all() and torch.equal(grad.argsort(), log_att[vision].argsort())
 
 
 def test_lr_zero_gives_back_the_input_exactly(ws, tmp_path):

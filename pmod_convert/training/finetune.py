@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..adapters import get_adapter
+from ..api import check_trainable
 from ..checkpoint import atomic_folder, check_replaceable, copy_checkpoint_tree, read_config
 from ..errors import CheckpointError, RecipeError
 from ..sidecar import SIDECAR_DIR, has_sidecar, save_sidecar
@@ -69,7 +70,7 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     wall = time.perf_counter()
     settings = (settings or FinetuneSettings()).validate()
     checkpoint = Path(checkpoint)
-    read_config(checkpoint)
+    check_trainable(checkpoint)  # reads config.json; refuses a fastv / pdrop baseline
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.resolve() == checkpoint.resolve():
         out_path = None

@@ -128,8 +128,7 @@ def forward_backward(model: nn.Module, micro_batches: Sequence[dict], settings: 
                     result.aux_count += 1
             if taps is not None and teacher is not None and scales.rank > 0:
                 vision = torch.isin(batch["input_ids"], torch.tensor(list(vision_ids), device=device))
-                rank, n_rank = router_rank_loss(taps.records, teacher.received, vision,
-                                                settings.router_rank_temperature)
+                rank, n_rank = router_rank_loss(taps.records, teacher.received, vision)
                 if rank is not None:
                     loss = loss + settings.router_rank_coef * rank * scales.rank
                     result.rank_sum += float(rank.detach())

@@ -4,9 +4,9 @@
 * :func:`distill_loss_sum`: KL(teacher || student) of next-token distributions at chosen positions
   (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": softened by a temperature T and
   scaled by T^2 so gradients keep their size when T changes).
-* :func:`router_rank_loss`: per MoD layer, the KL between the dense teacher's text-to-vision attention
-  (normalised over the vision tokens of the row) and a softmax of the router logits: a ranking signal that
-  reaches every router, including the last MoD layer's, whose TanhNorm weights no later layer reads.
+* :func:`router_rank_loss`: per MoD layer, one minus the correlation of the router logits with the dense
+  teacher's log text-to-vision attention over the row's vision tokens: a ranking signal that reaches every
+  router, including the last MoD layer's, whose TanhNorm weights no later layer reads.
 * :func:`router_aux_loss`: gamma-MoD's BCE of the router logits against the layer's own top-k selection.
 """
 
@@ -72,18 +72,24 @@ def distill_loss_sum(student: torch.Tensor, teacher: torch.Tensor, positions: to
     return kl * temperature**2, count
 
 
-def router_rank_loss(records: Sequence[RouterRecord], attention: dict[int, torch.Tensor], vision: torch.Tensor,
-                     temperature: float = 0.1) -> tuple[torch.Tensor | None, int]:
-    """Summed ``KL(p_teacher || softmax(router_logits / temperature))`` over MoD layers and rows, and the
-    number of (layer, row) terms.
+def router_rank_loss(records: Sequence[RouterRecord], attention: dict[int, torch.Tensor],
+                     vision: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Summed ``1 - corr(router_logits, log teacher attention)`` over MoD layers and rows, and the number of
+    (layer, row) terms.
 
     ``attention[layer]``: ``[batch, seq]`` attention the dense teacher's text queries after the image pay to
     each key (mean over heads and queries, from :class:`~pmod_convert.training.distill.Teacher`).
-    ``vision``: bool ``[batch, seq]`` vision tokens; both distributions run over the row's routed vision
-    tokens, and rows with fewer than two have no term. A temperature of 0.1 matches the logit scale the
-    calibration warm start gives routers (logit std 0.1): the TanhNorm weights ``alpha * tanh(logit) + beta``
-    stay near ``beta`` while the order of the logits follows the teacher. Summing (the loop divides by the
-    terms of the whole window on all processes) weighs every row alike whatever micro-batch it is in.
+    ``vision``: bool ``[batch, seq]`` vision tokens; the Pearson correlation runs over the row's routed vision
+    tokens, and rows with fewer than two have no term. The loss is 0 when the router orders the tokens as
+    the log attention does (linearly), 1 when uncorrelated (a zero router), 2 when reversed; the router's
+    logit spread has a floor of 0.01 (std) so a zero router gets a finite gradient.
+
+    Why a correlation: it is the objective of the calibration warm start (a least-squares fit of the router
+    to the standardised log attention, ``calibration/warm_start.py``) and it is scale-invariant, so it moves
+    the ORDER of the logits (which tokens top-k keeps) without pushing their scale, which the TanhNorm weights
+    ``alpha * tanh(logit) + beta`` turn into output changes (a softmax-matching loss grows the logits until
+    the weights saturate). Summing (the loop divides by the terms of the whole window on all processes)
+    weighs every row alike whatever micro-batch it is in.
     """
     total, count = None, 0
     for rec in records:
@@ -94,13 +100,19 @@ def router_rank_loss(records: Sequence[RouterRecord], attention: dict[int, torch
         rows = targets.sum(1) >= 2
         if not bool(rows.any()):
             continue
-        logits = rec.logits[rows].float() / temperature
-        mask = targets[rows]
-        p = received[rows].float().to(logits.device).masked_fill(~mask, 0.0)
-        p = p / p.sum(1, keepdim=True).clamp_min(1e-30)
-        log_q = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
-        terms = torch.where(mask & (p > 0), p * (torch.log(p.clamp_min(1e-30)) - log_q), torch.zeros_like(p))
-        part = terms.sum()
+        mask = targets[rows].float()
+        n = mask.sum(1, keepdim=True)
+        x = rec.logits[rows].float()
+        y = torch.log(received[rows].float().to(x.device).clamp_min(1e-12))
+
+        def centred(v: torch.Tensor) -> torch.Tensor:
+            return (v - (v * mask).sum(1, keepdim=True) / n) * mask
+
+        xc, yc = centred(x), centred(y)
+        # A floor of logit std 0.01 on the router's spread keeps the gradient finite at a zero (all-tied) router.
+        spread = (xc.pow(2).sum(1) + n.squeeze(1) * 1e-4).sqrt()
+        corr = (xc * yc).sum(1) / (spread * yc.pow(2).sum(1).sqrt() + 1e-12)
+        part = (1.0 - corr).sum()
         total = part if total is None else total + part
         count += int(rows.sum())
     return total, count

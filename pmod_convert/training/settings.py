@@ -43,7 +43,6 @@ class FinetuneSettings:
     distill_temperature: float = 1.0  # softmax temperature of teacher and student (loss scaled by T^2)
     distill_positions: str = "answer"  # answer: labelled positions; text: every text position after the image
     router_rank_coef: float = 1.0  # teacher-attention ranking loss on every router (0: off)
-    router_rank_temperature: float = 0.1  # router logits / this temperature form the ranking distribution
 
     # Routing during training
     router_aux_coef: float = 0.0  # gamma-MoD router loss: BCE(router logits, top-k selection); ~0.01
@@ -110,8 +109,6 @@ class FinetuneSettings:
         need(self.distill_positions in DISTILL_POSITIONS,
              f"distill_positions must be one of {', '.join(DISTILL_POSITIONS)}, got {self.distill_positions!r}")
         need(self.router_rank_coef >= 0, f"router_rank_coef must be >= 0, got {self.router_rank_coef}")
-        need(self.router_rank_temperature > 0,
-             f"router_rank_temperature must be > 0, got {self.router_rank_temperature}")
         need(self.lr >= 0, f"lr must be >= 0 (0 changes nothing), got {self.lr}")
         need(self.router_lr is None or self.router_lr >= 0, f"router_lr must be >= 0, got {self.router_lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
