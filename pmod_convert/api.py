@@ -22,11 +22,12 @@ from .checkpoint import (
     read_router_tensors,
     require_safetensors,
 )
-from .errors import CheckpointError, RecipeError
+from .errors import CheckpointError, PmodError, RecipeError
 from .mod.context import RoutingContext, accept_vision_mask
 from .mod.inject import check_attention, convert_layer
 from .mod.layer import MoDLayerMixin
 from .mod.router import ROUTER_NAME
+from .mod.scoring import METHODS, install_scoring, score_layers_for
 from .recipe import Recipe, RouterSettings, ScheduleSettings
 from .sidecar import has_sidecar, load_router_state, load_sidecar
 
@@ -60,8 +61,11 @@ def _routing_root(model: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
     return getattr(model, adapter.layers_path.split(".")[0])
 
 
-def _apply(model: nn.Module, adapter: ArchitectureAdapter, ratios: list[float | None], router: RouterSettings) -> None:
+def _apply(model: nn.Module, adapter: ArchitectureAdapter, ratios: list[float | None], router: RouterSettings,
+           method: str = "pmod") -> None:
     check_attention(adapter.text_config(model.config))
+    if method not in METHODS:
+        raise CheckpointError(f"unknown pmod method {method!r}; this pmod-convert knows {', '.join(METHODS)}")
     layers = adapter.decoder_layers(model)
     if len(ratios) != len(layers):
         raise RecipeError(f"schedule has {len(ratios)} layer ratios but the model has {len(layers)} decoder layers")
@@ -79,6 +83,11 @@ def _apply(model: nn.Module, adapter: ArchitectureAdapter, ratios: list[float | 
             continue
         convert_layer(layer, ratio, context, hidden_size=hidden, alpha=router.tanh_alpha,
                       beta=router.tanh_beta, bias=router.bias)
+    context.method = method
+    if method != "pmod":
+        context.score_layers = set(score_layers_for(ratios))
+        for index in sorted(context.score_layers):
+            install_scoring(layers[index], context)
 
 
 def _pmod_section(adapter: ArchitectureAdapter, model: nn.Module, ratios: list[float | None], recipe: Recipe) -> dict:
@@ -92,6 +101,54 @@ def _pmod_section(adapter: ArchitectureAdapter, model: nn.Module, ratios: list[f
         "schedule": recipe.schedule.__dict__.copy(),
         "router": recipe.router.__dict__.copy(),
     }
+
+
+def add_pruning(model: nn.Module, method: str, ratios: list[float | None]) -> nn.Module:
+    """Convert ``model`` in place into a training-free pruning baseline on the MoD engine.
+
+    ``method``: ``"fastv"`` or ``"pdrop"`` (see :mod:`pmod_convert.mod.scoring` for the papers' settings);
+    ``ratios``: one entry per decoder layer (None = dense; e.g. ``scoring.fastv_ratios`` /
+    ``scoring.pdrop_ratios``), non-increasing from the first pruned layer on. The pruned layers carry a zero
+    router (unused: they rank vision tokens by the scoring layer's attention) so checkpoints, ``export`` and
+    ``bench`` treat them like MoD layers; ``config.pmod["method"]`` records the method and
+    ``config.pmod["score_layers"]`` the scoring layers. Returns ``model``.
+
+    Raises:
+        RecipeError: ``method`` is not a baseline, or ``ratios`` do not fit the model / have no dense layer
+            before the first pruned one.
+    """
+    if method not in ("fastv", "pdrop"):
+        raise RecipeError(f"add_pruning builds the fastv / pdrop baselines, not {method!r} (use add_routers)")
+    try:
+        score_layers = score_layers_for(list(ratios))
+    except PmodError as exc:
+        raise RecipeError(str(exc)) from None
+    recipe = Recipe(schedule=ScheduleSettings(kind="explicit", ratios=list(ratios))).validate()
+    adapter = get_adapter(model)
+    layer_count = len(adapter.decoder_layers(model))
+    _apply(model, adapter, recipe.schedule.layer_ratios(layer_count), recipe.router, method=method)
+    section = _pmod_section(adapter, model, list(ratios), recipe)
+    section.update(method=method, score_layers=score_layers)
+    model.config.pmod = section
+    return model
+
+
+def pmod_method(model_or_config: Any) -> str:
+    """``"pmod"`` (routers), ``"fastv"`` or ``"pdrop"``: the method a pmod model or config.json dict records."""
+    if isinstance(model_or_config, dict):
+        pmod = model_or_config.get("pmod")
+    else:
+        pmod = getattr(getattr(model_or_config, "config", None), "pmod", None)
+    return (pmod or {}).get("method", "pmod") if isinstance(pmod, dict) else "pmod"
+
+
+def check_trainable(checkpoint: str | Path) -> None:
+    """Raise ``CheckpointError`` (one line) when ``checkpoint`` is a FastV / PyramidDrop baseline: its pruned
+    layers rank tokens by attention and have no trained routers, so there is nothing for finetune to train."""
+    method = pmod_method(read_config(checkpoint))
+    if method != "pmod":
+        raise CheckpointError(f"{checkpoint} is a training-free {method} pruning baseline (no trained routers); "
+                              "finetune a --method pmod checkpoint instead")
 
 
 def mod_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -234,7 +291,7 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     model = load_dense(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
                        quantization_config=quantization_config, allow_pickle=allow_pickle)
     recipe = recipe_from_config(pmod)
-    _apply(model, get_adapter(model), list(pmod["layer_ratios"]), recipe.router)
+    _apply(model, get_adapter(model), list(pmod["layer_ratios"]), recipe.router, method=pmod.get("method", "pmod"))
     model.config.pmod = pmod
     _load_router_weights(model, path)
     if adapter and has_sidecar(path):

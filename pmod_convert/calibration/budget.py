@@ -251,3 +251,114 @@ def _fill_gap(workload: Workload, metric: str, target: float, below: list[float 
     ratios = at(best)
     moved = [layer for layer in changed if ratios[layer] != below[layer]]
     return ratios, moved
+
+
+@dataclass
+class BaselineSolution:
+    """A FastV / PyramidDrop schedule fitted to a budget (see :func:`solve_baseline_budget`)."""
+
+    method: str  # "fastv" | "pdrop"
+    ratios: list[float | None]  # per layer; None = dense
+    score_layers: list[int]
+    metric: str
+    target: float
+    achieved: float
+    reachable: tuple[float, float]
+    parameter: str  # "keep" (FastV: 1 - R) or "lambda" (PyramidDrop)
+    value: float
+    k: int | None  # FastV: first pruned layer; None for PyramidDrop
+    boundaries: list[int]  # first layer of every pruned stage
+    estimate: Estimate
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def drop_rate(self) -> float | None:
+        """FastV's R (share of vision tokens dropped), None for PyramidDrop."""
+        return None if self.method != "fastv" else 1.0 - self.value
+
+
+def solve_baseline_budget(workload: Workload, method: str, *, target_flops: float | None = None,
+                          target_kv: float | None = None, k: int | None = None, stages: int | None = None,
+                          tolerance: float = 0.01) -> BaselineSolution:
+    """Fit FastV's keep share ``1 - R`` for a given ``k``, or PyramidDrop's ``lambda`` for ``stages`` evenly
+    spaced stages, so the estimated decoder FLOPs (or KV) ratio on ``workload`` meets the target within
+    ``tolerance`` (bisection: the cost grows with the parameter).
+
+    ``k`` (FastV; the paper's K, 0-based first pruned layer): default the paper's 2, lowered to the deepest
+    ``k`` that can still reach the target (said in ``notes``). ``stages`` (PyramidDrop): default the paper's 4
+    (at most the layer count). Raises ``BudgetError`` when the target is out of reach (naming the range) or
+    cannot be met within ``tolerance``; ``RecipeError`` for a bad method / ``k`` / ``stages`` / target.
+    """
+    from ..mod import scoring
+
+    if (target_flops is None) == (target_kv is None):
+        raise RecipeError("give exactly one budget: target_flops (--target-flops R) or target_kv (--target-kv R)")
+    metric, target = ("flops", target_flops) if target_flops is not None else ("kv", target_kv)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
+        raise RecipeError(f"the budget must be a ratio > 0 (pruned / dense, e.g. 0.6), got {target!r}")
+    target = float(target)
+    num_layers = workload.shape.num_layers
+    notes: list[str] = []
+    if num_layers < 2:
+        raise BudgetError("the pruning baselines need at least 2 decoder layers (one to score, one to prune)")
+
+    if method == "fastv":
+        parameter, boundaries = "keep", []
+
+        def ratios_for(kk: int):
+            return lambda x: scoring.fastv_ratios(num_layers, kk, min(1.0, max(x, 1e-9)))
+
+        if k is None:
+            k = min(scoring.FASTV_DEFAULT_K, num_layers - 1)
+            while k > 1 and workload.metric(ratios_for(k)(1e-9), metric) > target + tolerance:
+                k -= 1
+            if k != scoring.FASTV_DEFAULT_K:
+                notes.append(f"FastV K lowered from the paper's {scoring.FASTV_DEFAULT_K} to {k} so that "
+                             f"{metric} {target:g} is reachable on this {num_layers}-layer model")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < num_layers:
+            raise RecipeError(f"--fastv-k must be in 1..{num_layers - 1} for this {num_layers}-layer model, got {k!r}")
+        ratios_at = ratios_for(k)
+        boundaries = [k]
+        described = f"FastV with K={k}"
+    elif method == "pdrop":
+        parameter, k = "lambda", None
+        stages = min(scoring.PDROP_DEFAULT_STAGES, num_layers) if stages is None else stages
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 2 <= stages <= num_layers:
+            raise RecipeError(f"--pdrop-stages must be in 2..{num_layers} for this {num_layers}-layer model, "
+                              f"got {stages!r}")
+        boundaries = scoring.pdrop_boundaries(num_layers, stages)
+
+        def ratios_at(x: float) -> list[float | None]:
+            return scoring.pdrop_ratios(num_layers, boundaries, min(1.0, max(x, 1e-9)))
+
+        described = f"PyramidDrop with {stages} stages (pruned from layers {boundaries})"
+    else:
+        raise RecipeError(f"unknown baseline {method!r}; choose fastv or pdrop")
+
+    def f(x: float) -> float:
+        return workload.metric(ratios_at(x), metric)
+
+    lo, hi = 0.0, 1.0
+    f_lo, f_hi = f(lo), f(hi)
+    if not (f_lo - tolerance <= target <= f_hi + tolerance):
+        raise BudgetError(f"a {metric} ratio of {target:g} is out of reach for {described} with the calibration "
+                          f"data's token counts: reachable {f_lo:.3f}-{f_hi:.3f}" +
+                          ("; choose a smaller --fastv-k" if method == "fastv" else "; use more --pdrop-stages"))
+    if target <= f_lo:
+        value = lo
+    elif target > f_hi:
+        value = hi
+    else:
+        below, above = _bisect(f, lo, hi, target)
+        value = min((below, above), key=lambda x: (abs(f(x) - target), x))
+    value = min(1.0, max(value, 1e-9))
+    ratios = ratios_at(value)
+    achieved = workload.metric(ratios, metric)
+    if abs(achieved - target) > tolerance:
+        raise BudgetError(f"a {metric} ratio of {target:g} cannot be met within {tolerance:g} by {described}: the "
+                          f"nearest reachable value is {achieved:.3f} (kept = floor(ratio * vision tokens)); "
+                          f"choose a target near {achieved:.3f} or a larger tolerance")
+    return BaselineSolution(method=method, ratios=ratios, score_layers=scoring.score_layers_for(ratios),
+                            metric=metric, target=target, achieved=achieved, reachable=(f_lo, f_hi),
+                            parameter=parameter, value=value, k=k, boundaries=boundaries,
+                            estimate=workload.estimate(ratios), notes=notes)

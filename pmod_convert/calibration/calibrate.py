@@ -15,6 +15,7 @@ Order of work (nothing is written until the end, and then atomically):
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..adapters import get_adapter
-from ..api import add_routers, load_dense, save_pretrained
+from ..api import add_pruning, add_routers, load_dense, save_pretrained
 from ..checkpoint import atomic_folder, check_replaceable, read_config, update_in_place
 from ..data import DataError, SampleEncoder, model_inputs, read_samples
 from ..devices import resolve_device, to_device
@@ -34,9 +35,10 @@ from ..errors import CheckpointError, RecipeError
 from ..mod import schedule as prd
 from ..recipe import Recipe, RouterSettings, ScheduleSettings
 from ..sidecar import SIDECAR_DIR
-from .budget import FAMILIES, BudgetSolution, Workload, measured_curve, solve_budget
+from ..mod.scoring import METHODS
+from .budget import FAMILIES, BudgetSolution, Workload, measured_curve, solve_baseline_budget, solve_budget
 from .observers import LayerMetrics, LayerObserver, vision_and_queries
-from .report import REPORT_FORMAT, clean, write_report
+from .report import REPORT_FILE, REPORT_FORMAT, clean, write_report
 from .warm_start import (
     AgreementMeter,
     RouterFit,
@@ -69,7 +71,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
               max_ratio: float | None = None, min_ratio: float | None = None, profile: str = "arank",
               tolerance: float = 0.01, rank_rows: int = 64, rank_rtol: float = 1e-3, logit_std: float = 0.1,
               router_targets: tuple[str, ...] = ("text_attention", "key_attention"), dtype: str | None = None, device: str | None = None,
-              progress: bool = True) -> CalibrationResult:
+              progress: bool = True, method: str = "pmod", fastv_k: int | None = None,
+              pdrop_stages: int | None = None) -> CalibrationResult:
     """Calibrate CHECKPOINT (dense, or a pmod checkpoint from add-routers) on a LLaVA-style dataset.
 
     Writes an MoD checkpoint to ``out`` (or updates ``checkpoint`` in place when ``out`` is None) whose
@@ -89,12 +92,24 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     With ``out``, ``overwrite`` replaces only an earlier pmod-convert output, never CHECKPOINT or a folder
     holding it.
 
+    ``method``: ``"pmod"`` (routers, everything above), or a training-free pruning baseline on the same engine:
+    ``"fastv"`` (Chen et al. 2024: after layer ``fastv_k`` drop the least-attended share R of the vision tokens;
+    the solver picks R; ``fastv_k`` default the paper's 2, lowered when the budget needs it) or ``"pdrop"``
+    (Xing et al. 2024: ``pdrop_stages`` stages, default the paper's 4, each keeping ``lambda`` of the remaining
+    vision tokens; the solver picks lambda). Baselines ignore the schedule, layer-selection, shape, profile and
+    warm-start options, load CHECKPOINT's dense weights (any routers in it are dropped) and write a checkpoint
+    whose ``config.json`` ``pmod`` section records ``method``, ``score_layers`` and the per-layer ratios.
+
     Raises:
         RecipeError: invalid options or budget. DataError: unusable calibration data.
         CheckpointError: CHECKPOINT is missing / corrupt / holds a sidecar, is dense and no ``out`` is given,
             or ``out`` exists and may not be replaced.
         UnsupportedArchitecture: CHECKPOINT is not a supported family.
     """
+    if method not in METHODS:
+        raise RecipeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "pmod" and (fastv_k is not None or pdrop_stages is not None):
+        raise RecipeError("--fastv-k / --pdrop-stages apply to --method fastv / pdrop only")
     _check_options(schedule, layer_selection, shape, profile, samples, holdout, seed)
     device = resolve_device(device) if device is not None else None
     if (target_flops is None) == (target_kv is None):
@@ -121,6 +136,12 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     text_shape = TextShape.from_config(config)
     num_layers = text_shape.num_layers
     torch.manual_seed(seed)
+    if method != "pmod":
+        return _calibrate_baseline(
+            checkpoint, data, image_folder, dest=dest, in_place=in_place, overwrite=overwrite, method=method,
+            target_flops=target_flops, target_kv=target_kv, fastv_k=fastv_k, pdrop_stages=pdrop_stages,
+            samples=samples, seed=seed, skip_bad_rows=skip_bad_rows, include_vision_tower=include_vision_tower,
+            tolerance=tolerance, dtype=dtype, progress=progress, text_shape=text_shape, config=config)
 
     # 1. data
     dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows)
@@ -211,6 +232,59 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
         save_pretrained(model, tmp, source=checkpoint, recipe=recipe, overwrite=True)
         write_report(tmp, report)
     return CalibrationResult(path=dest, schedule=solution.settings, ratios=solution.ratios, report=report)
+
+
+def _calibrate_baseline(checkpoint: Path, data, image_folder, *, dest: Path, in_place: bool, overwrite: bool,
+                        method: str, target_flops, target_kv, fastv_k, pdrop_stages, samples: int, seed: int,
+                        skip_bad_rows: bool, include_vision_tower: bool, tolerance: float, dtype, progress: bool,
+                        text_shape: TextShape, config: dict) -> CalibrationResult:
+    """FastV / PyramidDrop: solve the budget on the data's token counts, convert, write (no measurement pass)."""
+    adapter = get_adapter(config)
+    dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows)
+    encoder = SampleEncoder.from_pretrained(checkpoint)
+    items, ids, skipped = _encode(dataset, encoder, samples, seed, skip_bad_rows, progress)
+    workload = _workload(items, adapter.vision_token_ids(encoder.config), text_shape,
+                         config if include_vision_tower else None)
+    solution = solve_baseline_budget(workload, method, target_flops=target_flops, target_kv=target_kv, k=fastv_k,
+                                     stages=pdrop_stages, tolerance=tolerance)
+    model = load_dense(checkpoint, dtype=dtype)
+    add_pruning(model, method, solution.ratios)
+    est = solution.estimate
+    n = len(workload.n_vision)
+    report = clean({
+        "format": REPORT_FORMAT,
+        "pmod_convert_version": __version__,
+        "method": method,
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "seed": seed,
+        "samples": {"total": n, "skipped_rows": dataset.skipped + skipped, "ids": ids},
+        "tokens": {"vision_per_sample": sum(workload.n_vision) / n, "text_per_sample": sum(workload.n_text) / n,
+                   "n_vision": workload.n_vision, "n_text": workload.n_text},
+        "budget": {"metric": solution.metric, "target": solution.target, "achieved": solution.achieved,
+                   "tolerance": tolerance, "reachable": list(solution.reachable), "parameter": solution.parameter,
+                   "value": solution.value, "fastv_k": solution.k, "fastv_drop_rate": solution.drop_rate,
+                   "pdrop_boundaries": solution.boundaries if method == "pdrop" else None,
+                   "notes": solution.notes},
+        "estimate": {"flops_ratio": est.flops_ratio, "decoder_flops_ratio": est.decoder_flops_ratio,
+                     "kv_ratio": est.kv_ratio, "dense_prefill_flops": est.dense_prefill_flops,
+                     "mod_prefill_flops": est.mod_prefill_flops, "vision_flops": est.vision_flops,
+                     "dense_kv_bytes": est.dense_kv_bytes, "mod_kv_bytes": est.mod_kv_bytes,
+                     "num_mod_layers": est.num_mod_layers, "counted": est.counted},
+        "layer_ratios": solution.ratios,
+        "score_layers": solution.score_layers,
+        "options": {"include_vision_tower": include_vision_tower, "samples": samples},
+    })
+    if in_place:
+        earlier = [p.name for p in dest.glob("model*.safetensors")] + ["model.safetensors.index.json"]
+        writer = update_in_place(dest, written=earlier)
+    else:
+        writer = atomic_folder(dest, overwrite=overwrite, protect=(checkpoint,))
+    with writer as tmp:
+        save_pretrained(model, tmp, source=checkpoint, overwrite=True)
+        (Path(tmp) / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    return CalibrationResult(path=dest, schedule=ScheduleSettings(kind="explicit", ratios=list(solution.ratios)),
+                             ratios=solution.ratios, report=report)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------

@@ -44,6 +44,13 @@ def calibrate_cmd(
     min_ratio: MinOpt = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Run the model here, e.g. cuda:0 (default: cpu).")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | float16 | bfloat16")] = None,
+    method: Annotated[str, typer.Option(
+        "--method", help="pmod: MoD routers (default); fastv: FastV-style pruning after layer K (Chen et al. 2024); "
+                         "pdrop: PyramidDrop-style stages (Xing et al. 2024). The solver fits R / lambda to the budget.")] = "pmod",
+    fastv_k: Annotated[Optional[int], typer.Option(
+        "--fastv-k", help="FastV: prune after this many layers (default: the paper's 2, lowered if the budget needs it).")] = None,
+    pdrop_stages: Annotated[Optional[int], typer.Option(
+        "--pdrop-stages", help="PyramidDrop: number of stages (default: the paper's 4, at most the layer count).")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace --out if it is an earlier pmod-convert output (never CHECKPOINT).")] = False,
 ) -> None:
@@ -55,8 +62,22 @@ def calibrate_cmd(
         checkpoint, data, image_folder, out=out, target_flops=target_flops, target_kv=target_kv, schedule=schedule,
         layer_selection=layer_selection, shape=shape, profile=profile, warm_start=warm_start, samples=samples,
         holdout=holdout, seed=seed, include_vision_tower=include_vision_tower, skip_bad_rows=skip_bad_rows,
-        max_ratio=max_ratio, min_ratio=min_ratio, device=device, dtype=dtype, overwrite=overwrite)
+        max_ratio=max_ratio, min_ratio=min_ratio, device=device, dtype=dtype, overwrite=overwrite, method=method,
+        fastv_k=fastv_k, pdrop_stages=pdrop_stages)
     report = result.report
+    if method != "pmod":
+        budget, est = report["budget"], report["estimate"]
+        pruned = [(i, r) for i, r in enumerate(result.ratios) if r is not None]
+        setting = (f"K={budget['fastv_k']}, R={budget['fastv_drop_rate']:.3f}" if method == "fastv"
+                   else f"stages from layers {budget['pdrop_boundaries']}, lambda={budget['value']:.3f}")
+        console.print(f"wrote {result.path}: {method} ({setting}); scoring layers {report['score_layers']}; kept share "
+                      f"per layer {', '.join(f'{i}:{r:.2f}' for i, r in pruned)}", highlight=False, soft_wrap=True)
+        for note in budget["notes"]:
+            console.print(note, highlight=False, soft_wrap=True)
+        console.print(f"estimated FLOPs ratio {est['flops_ratio']:.3f}, KV-cache ratio {est['kv_ratio']:.3f} "
+                      f"(budget {budget['metric']} {budget['target']:g}, reachable {budget['reachable'][0]:.3f}-"
+                      f"{budget['reachable'][1]:.3f})", highlight=False, soft_wrap=True)
+        return
     budget, est = report["budget"], report["estimate"]
     mod = [(i, r) for i, r in enumerate(result.ratios) if r is not None]
     console.print(f"wrote {result.path}: {len(mod)} of {len(result.ratios)} decoder layers are MoD layers "

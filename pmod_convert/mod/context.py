@@ -16,6 +16,7 @@ from torch import nn
 VISION_INPUT_KEYS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "mm_encoder_outputs",
                      "image_hidden_states", "image_embeds", "video_embeds")
 VISION_MASK_KWARG = "pmod_vision_mask"
+SCORE_QUERY_KWARG = "pmod_score_query"  # baselines: position of the query token whose attention ranks tokens
 
 
 def _has_value(value) -> bool:
@@ -72,6 +73,13 @@ class RoutingContext:
 
     ``disabled`` (a nesting depth, see :func:`routing_disabled`): while positive, MoD layers run the
     dense computation, the guard is off, and the hook leaves the targets of the last routed call untouched.
+
+    ``method`` (``"pmod"`` | ``"fastv"`` | ``"pdrop"``): with a baseline method, MoD layers rank targets by
+    ``scores`` (``[batch, seq]`` float32, -inf where a token was no key of the scoring layer), written by the
+    scoring layers' attention (:mod:`pmod_convert.mod.scoring`) during the same forward, instead of their
+    router. ``pmod_score_query`` (forward/generate kwarg, popped here; default -1, the call's last token): the
+    position of the query whose attention ranks the tokens; pin it to the last prompt position to make a
+    cache-free recomputation (``generate(use_cache=False)``) select what the cached prefill selected.
     """
 
     def __init__(self, target_token_ids: list[int]):
@@ -84,6 +92,12 @@ class RoutingContext:
         self._in_call = False
         self._vision_in_call = 0
         self._routed: set[int] = set()
+        self.method = "pmod"
+        self.score_layers: set[int] = set()
+        self.scores: torch.Tensor | None = None
+        self.score_query = -1
+        self.key_index: torch.Tensor | None = None  # [batch, keys] positions of a gathered scoring layer's keys
+        self.key_valid: torch.Tensor | None = None  # [batch, keys] False for padding entries of key_index
 
     def attach(self, base_model: nn.Module) -> tuple[torch.utils.hooks.RemovableHandle, ...]:
         """Register the capture pre-hook and the guard forward-hook on ``base_model``; returns both handles."""
@@ -98,8 +112,11 @@ class RoutingContext:
     @torch.compiler.disable
     def capture(self, module: nn.Module, args: tuple, kwargs: dict):
         explicit = kwargs.pop(VISION_MASK_KWARG, None)
+        score_query = kwargs.pop(SCORE_QUERY_KWARG, None)
         if self.disabled:
             return args, kwargs
+        self.score_query = -1 if score_query is None else int(score_query)
+        self.scores, self.key_index = None, None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         reference = input_ids if input_ids is not None else embeds
@@ -192,6 +209,60 @@ class RoutingContext:
             return None
         return mask.to(hidden_states.device)
 
+    def record_scores(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+        """Called by a scoring layer's attention: store the last-query attention over this call's tokens.
+
+        Does nothing for a call without vision targets (decode steps), with routing disabled, or with the
+        ``pmod`` method. ``scores[b, t]`` is the head-averaged probability that the query puts on token ``t``;
+        tokens that were no key (skipped by an earlier stage) get -inf. Raises ``PmodError`` when the keys
+        include cached tokens (a prompt must be scored in one forward).
+        """
+        from ..errors import PmodError
+        from .scoring import last_query_attention
+
+        if self.disabled or self.method == "pmod" or not self._in_call or not self._vision_in_call:
+            return
+        if self.is_target is None:
+            return
+        batch, seq = self.is_target.shape
+        position = self.score_query if self.score_query >= 0 else seq + self.score_query
+        if not 0 <= position < seq:
+            raise PmodError(f"{SCORE_QUERY_KWARG}={self.score_query} is outside the {seq} tokens of this forward")
+        device = query.device
+        if self.key_index is not None:
+            index, valid = self.key_index.to(device), self.key_valid.to(device)
+            hit = (index == position) & valid
+            if not bool(hit.any(1).all()) or key.shape[2] != index.shape[1]:
+                raise PmodError(f"scoring layer {module.layer_idx}: the query token (position {position}) is not among "
+                                "its kept tokens, or the keys include cached tokens (baselines score a whole prompt "
+                                "in one forward)")
+            query_rows = hit.float().argmax(1)
+        else:
+            if key.shape[2] != seq:
+                raise PmodError(f"scoring layer {module.layer_idx} saw {key.shape[2]} keys for {seq} tokens: "
+                                "baselines score a whole prompt in one forward (no chunked prefill)")
+            query_rows = torch.full((batch,), position, dtype=torch.long, device=device)
+        with torch.no_grad():
+            probs = last_query_attention(query, key, attention_mask, scaling, query_rows)  # [b, keys]
+        if self.key_index is not None:
+            # padding entries write into an extra column that is sliced off
+            scores = torch.full((batch, seq + 1), float("-inf"), dtype=torch.float32, device=device)
+            scores.scatter_(1, torch.where(valid, index, torch.full_like(index, seq)), probs)
+            scores = scores[:, :seq]
+        else:
+            scores = probs
+        self.scores = scores
+
+    def selection_scores(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Scores ``[batch, seq]`` a baseline MoD layer ranks its targets by (raises if none was recorded)."""
+        from ..errors import PmodError
+
+        if self.scores is None or self.scores.shape != hidden_states.shape[:2]:
+            raise PmodError(f"{self.method} layer {layer_idx} has no attention scores for this forward: a scoring "
+                            f"layer ({sorted(self.score_layers)}) must run before it on the same tokens")
+        return self.scores.to(hidden_states.device)
+
     def segments_for(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Sample index ``[batch, seq]`` of packed rows (per-sample budgets), or None."""
         seg = self.segments
@@ -203,6 +274,7 @@ class RoutingContext:
 def _validate_model_kwargs(self, model_kwargs: dict) -> None:
     # generate() checks its kwargs against forward's signature (on a copy): let pmod_vision_mask through.
     model_kwargs.pop(VISION_MASK_KWARG, None)
+    model_kwargs.pop(SCORE_QUERY_KWARG, None)
     return type(self)._validate_model_kwargs(self, model_kwargs)
 
 

@@ -14,6 +14,7 @@ from .cache import mod_cache_layer
 from .context import RoutingContext
 from .router import ROUTER_NAME, TanhNormRouter
 from .routing import Gather, kept_attention_mask, select_tokens
+from .scoring import inner_attention_name
 
 
 class MoDLayerMixin:
@@ -22,6 +23,11 @@ class MoDLayerMixin:
     Kept tokens (all text + top-k vision) run through the unchanged layer as a shorter sequence with
     their original rotary embeddings and the model's own mask rows/columns. A kept vision token ends
     at ``y + (w - 1) * mlp_delta`` (= ``x + attn + w * mlp``); a skipped one at ``w * x``.
+
+    With a baseline method (FastV / PyramidDrop, ``context.method != "pmod"``) the router is not called:
+    targets are ranked by the attention scores of the forward's scoring layer
+    (:mod:`pmod_convert.mod.scoring`), kept tokens come out as the dense layer's output ``y`` and skipped
+    ones as ``x`` (a skipped token is never a key again, so it is pruned for every later layer).
     """
 
     pmod_ratio: float
@@ -49,9 +55,13 @@ class MoDLayerMixin:
         past_compressed = cache_layer is not None and cache_layer.compressed
 
         router: TanhNormRouter = getattr(self, ROUTER_NAME)
+        context = self._pmod_context
         if targets is not None and bool(targets.any()):
-            logits = router.logits(hidden_states)
-            weights = router.token_weights(logits).to(hidden_states.dtype)
+            if context.method == "pmod":
+                logits = router.logits(hidden_states)
+                weights = router.token_weights(logits).to(hidden_states.dtype)
+            else:  # training-free baseline: rank by the scoring layer's attention, no router weighting
+                logits, weights = context.selection_scores(self.pmod_layer_idx, hidden_states), None
             with torch.no_grad():
                 keep = select_tokens(logits, targets, self.pmod_ratio,
                                      segments=self._pmod_context.segments_for(hidden_states))
@@ -67,6 +77,8 @@ class MoDLayerMixin:
             # the layer is not run at all; the cache advances its logical length with no entry.
             if cache_layer is not None:
                 cache_layer.skip(seq)
+            if weights is None:
+                return hidden_states
             return torch.where(targets.unsqueeze(-1), weights.unsqueeze(-1) * hidden_states, hidden_states)
 
         call_kwargs = dict(kwargs, use_cache=use_cache)
@@ -86,7 +98,7 @@ class MoDLayerMixin:
             if cache_layer is not None and cache_layer.slots is not None:
                 key_slots = torch.cat([cache_layer.slots.to(new_slots.device), new_slots], dim=1)
             mask_dtype = attention_mask.dtype if attention_mask is not None else (
-                torch.bool if self.self_attn.config._attn_implementation == "sdpa" else hidden_states.dtype
+                torch.bool if inner_attention_name(self.self_attn) == "sdpa" else hidden_states.dtype
             )
             sub_mask = kept_attention_mask(attention_mask, gather.index, gather.valid, query_slots, key_slots, mask_dtype)
         if cache_layer is not None:
@@ -95,15 +107,18 @@ class MoDLayerMixin:
             cache_layer.arm(new_slots, seq, compressed=not gather.is_identity)
 
         self._pmod_capturing, self._pmod_mlp_out = True, None
+        if not gather.is_identity:  # a scoring layer maps its keys back to positions with this
+            context.key_index, context.key_valid = gather.index, gather.valid
         try:
             out = super().forward(sub_hidden, attention_mask=sub_mask, position_ids=sub_pos,
                                   position_embeddings=sub_pe, **call_kwargs)
         finally:
             self._pmod_capturing = False
+            context.key_index, context.key_valid = None, None
             mlp_delta, self._pmod_mlp_out = self._pmod_mlp_out, None
         if isinstance(out, tuple):  # some layers still return (hidden, ...)
             out = out[0]
-        if targets is None:
+        if targets is None or weights is None:  # no routing, or a baseline: skipped tokens pass unchanged
             return gather.scatter(hidden_states, out) if not gather.is_identity else out
 
         # STRing: kept targets scale their MLP branch by w, skipped targets become w * x.

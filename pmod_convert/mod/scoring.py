@@ -1,0 +1,178 @@
+"""Training-free token selection for the pruning baselines (FastV, PyramidDrop) on the MoD engine.
+
+The baselines rank vision tokens by the attention they receive from the last prompt token in a *scoring
+layer*, then the MoD layers after it keep the best-ranked tokens (and store only those in the KV cache):
+
+- FastV (Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2", ECCV): after layer ``K`` drop the
+  ``R`` share of vision tokens that receive the least attention (averaged over heads) from the last token in
+  layer ``K``; the same tokens stay dropped in every later layer. Paper default ``K = 2``, ``R = 50%``. In
+  0-based indices: scoring layer ``K - 1``, MoD layers ``K .. L-1`` all with ratio ``1 - R``.
+- PyramidDrop (Xing et al. 2024, "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid
+  Visual Redundancy Reduction"): the layers are split into stages (paper: 4 stages of 8 layers on the
+  32-layer Vicuna-7B); at each stage boundary a fraction ``lambda`` (paper 0.5) of the vision tokens that
+  are still present is kept, ranked by the attention of the last instruction token. Stage ``s`` keeps
+  ``lambda ** s`` of the vision tokens; the ranking for stage ``s`` is computed in the last layer of stage
+  ``s - 1``, where only the stage ``s - 1`` tokens are keys, so the kept sets are nested.
+
+The score is computed inside the model's own attention call through transformers' ``AttentionInterface``:
+the scoring layer's attention module gets a private config copy whose ``_attn_implementation`` names
+:func:`scored_attention`, which runs the model's own sdpa/eager attention unchanged and, on a forward that
+carries vision tokens, also computes ``softmax(q_last . K^T * scaling + mask_last)`` averaged over heads from
+the post-RoPE query/key states it receives. Cost: one query row per scoring layer (negligible; not counted
+in the FLOPs estimate).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from torch import nn
+
+from ..errors import PmodError
+
+METHODS = ("pmod", "fastv", "pdrop")
+SCORED_ATTENTION = "pmod_scored"
+FASTV_DEFAULT_K = 2  # Chen et al. 2024: prune after layer 2
+FASTV_DEFAULT_RATIO = 0.5  # R = 50%
+PDROP_DEFAULT_STAGES = 4  # Xing et al. 2024: 4 stages (layers 0-7, 8-15, 16-23, 24-31 of LLaVA-1.5-7B)
+PDROP_DEFAULT_LAMBDA = 0.5
+
+
+def fastv_ratios(num_layers: int, k: int, keep: float) -> list[float | None]:
+    """Per-layer ratios of FastV: layers ``0..k-1`` dense (None), layers ``k..`` keep ``keep`` (= 1 - R).
+
+    Raises ``PmodError`` unless ``1 <= k < num_layers`` and ``0 < keep <= 1``.
+    """
+    if not 1 <= k < num_layers:
+        raise PmodError(f"FastV K must be in 1..{num_layers - 1} for a {num_layers}-layer model, got {k}")
+    if not 0 < keep <= 1:
+        raise PmodError(f"FastV keeps a share in (0, 1] of the vision tokens, got {keep!r}")
+    return [None] * k + [float(keep)] * (num_layers - k)
+
+
+def pdrop_boundaries(num_layers: int, stages: int) -> list[int]:
+    """First layer of stages ``1..stages-1`` (evenly spaced, as the paper's 8/16/24 of 32 layers)."""
+    if not 2 <= stages <= num_layers:
+        raise PmodError(f"PyramidDrop needs 2..{num_layers} stages on a {num_layers}-layer model, got {stages}")
+    return [round(s * num_layers / stages) for s in range(1, stages)]
+
+
+def pdrop_ratios(num_layers: int, boundaries: list[int], lam: float) -> list[float | None]:
+    """Per-layer ratios of PyramidDrop: stage 0 dense, stage ``s`` keeps ``lam ** s`` of the vision tokens."""
+    if not 0 < lam <= 1:
+        raise PmodError(f"PyramidDrop lambda must be in (0, 1], got {lam!r}")
+    ratios: list[float | None] = []
+    for layer in range(num_layers):
+        stage = sum(layer >= b for b in boundaries)
+        ratios.append(None if stage == 0 else float(lam ** stage))
+    return ratios
+
+
+def score_layers_for(ratios: list[float | None]) -> list[int]:
+    """The scoring layers of a baseline schedule: the layer before the first pruned layer and before every
+    later drop of the ratio (a new stage). Raises ``PmodError`` when layer 0 is pruned (nothing scores it)."""
+    out: list[int] = []
+    previous: float | None = None
+    for layer, ratio in enumerate(ratios):
+        if ratio is not None and (previous is None or ratio < previous - 1e-12):
+            if layer == 0:
+                raise PmodError("a baseline needs a dense layer before its first pruned layer (layer 0 is pruned)")
+            out.append(layer - 1)
+        previous = ratio
+    return out
+
+
+def _inner_attention(module: nn.Module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = module._pmod_inner_attention
+    if name == "eager":
+        # the model's own eager function, defined in its modeling module
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise PmodError(f"{type(module).__name__} has no eager_attention_forward to score with")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def last_query_attention(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                         scaling: float | None, query_index: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities ``[batch, keys]`` (float32, mean over heads) of one query per row.
+
+    ``query`` ``[batch, heads, q, head_dim]`` and ``key`` ``[batch, kv_heads, keys, head_dim]`` are the
+    post-RoPE states the attention function receives (kv heads are repeated for GQA); ``query_index``
+    ``[batch]`` long: the query row of each batch row; ``attention_mask`` ``[batch or 1, 1 or heads, q, >=keys]``
+    bool (True = attend) or additive float, or None (causal: the query sees every key up to its position).
+    """
+    batch = query.shape[0]
+    rows = torch.arange(batch, device=query.device)
+    query_index = query_index.to(query.device)
+    q = query.float()[rows, :, query_index]  # [b, h, d]
+    k = key.float()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    logits = torch.einsum("bhd,bhkd->bhk", q, k) * scale
+    n_keys = k.shape[2]
+    if attention_mask is not None:
+        mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+        row = mask[rows, :, query_index, :n_keys]  # [b, 1 or h, keys]
+        if row.dtype == torch.bool:
+            logits = logits.masked_fill(~row, float("-inf"))
+        else:
+            logits = logits + row.float()
+    else:
+        past = n_keys - query.shape[2]
+        causal = torch.arange(n_keys, device=k.device)[None, :] > (past + query_index)[:, None]
+        logits = logits.masked_fill(causal[:, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(1)
+
+
+def scored_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs):
+    """An ``AttentionInterface`` function: the module's own attention, plus the last-query score.
+
+    Registered under ``"pmod_scored"``; only scoring layers' attention modules use it. Returns what the
+    inner attention returns (``(attn_output, attn_weights)``).
+    """
+    context = getattr(module, "_pmod_scoring_context", None)
+    if context is not None:
+        context.record_scores(module, query, key, attention_mask, kwargs.get("scaling"))
+    return _inner_attention(module)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import AttentionInterface
+
+    if SCORED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SCORED_ATTENTION, scored_attention)
+    if SCORED_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:  # only used if someone builds masks from our config
+        ALL_MASK_ATTENTION_FUNCTIONS.register(SCORED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def install_scoring(layer: nn.Module, context) -> None:
+    """Make ``layer``'s attention record last-query scores into ``context`` (idempotent).
+
+    The attention module gets its own shallow config copy with ``_attn_implementation = "pmod_scored"``;
+    the model's config (and every other layer) is untouched. Raises ``PmodError`` for an attention
+    implementation other than sdpa / eager.
+    """
+    _register()
+    attn = layer.self_attn
+    if getattr(attn, "_pmod_scoring_context", None) is None:
+        inner = attn.config._attn_implementation or "eager"
+        if inner not in ("sdpa", "eager"):
+            raise PmodError(f"the pruning baselines score with sdpa or eager attention, not {inner!r}")
+        attn._pmod_inner_attention = inner
+        config = copy.copy(attn.config)
+        config._attn_implementation_internal = SCORED_ATTENTION
+        attn.config = config
+    attn._pmod_scoring_context = context
+
+
+def inner_attention_name(attn: nn.Module) -> str:
+    """The attention implementation an attention module really runs (sdpa / eager / ...)."""
+    return getattr(attn, "_pmod_inner_attention", None) or attn.config._attn_implementation or "eager"
