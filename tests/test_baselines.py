@@ -177,3 +177,21 @@ def test_calibrate_method_checkpoint_loads_and_finetune_refuses(tmp_path):
         result = runner.invoke(app, ["finetune", str(out), "--data", str(data), "--image-folder", str(images)])
         assert result.exit_code != 0 and "pruning baseline" in result.output
         assert len([line for line in result.output.strip().splitlines() if line.strip()]) == 1
+
+
+# ---- compare: table and plot from a result document ------------------------------------------------------
+def test_compare_table_and_plot(tmp_path):
+    from pmod_convert.calibration.pareto import plot_compare, table_lines
+
+    row = dict(label="dense", method="dense", budget=None, checkpoint="d", accuracy=0.66, decoder_flops_ratio=1.0,
+               kv_ratio=1.0, prefill_time_ratio=1.0, setting="", error=None)
+    rows = [row, dict(row, label="FastV @ 0.4", method="fastv", budget=0.4, accuracy=0.44, decoder_flops_ratio=0.38,
+                      prefill_time_ratio=0.64, setting="K=1 R=0.91"),
+            dict(row, label="PyramidDrop @ 0.2", method="pdrop", budget=0.2, accuracy=None, decoder_flops_ratio=None,
+                 prefill_time_ratio=None, error="out of reach")]
+    lines = table_lines({"rows": rows})
+    assert len(lines) == 5 and "44.0%" in lines[3] and "failed: out of reach" in lines[4]
+    assert plot_compare({"rows": rows}, tmp_path / "c.png").stat().st_size > 0
+    result = CliRunner().invoke(app, ["compare", str(tmp_path), "--data", "t.json", "--calib", "c.json",
+                                      "--budgets", "0.5,x"])
+    assert result.exit_code != 0 and "--budgets" in result.output
