@@ -184,3 +184,22 @@ def test_validation_rows_are_held_out_and_grad_accum_is_sized_from_the_data(ws):
     assert FinetuneSettings().accumulation(64) == 4
     assert FinetuneSettings(batch_size=4).accumulation(1000, num_processes=2) == 2
     assert FinetuneSettings(grad_accum=3).accumulation(1000) == 3
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_text_query_attention_equals_the_eager_weights(ws, padding_side):
+    """The capture on sdpa (text query rows only) equals the reduction of eager's full attention weights."""
+    s = FinetuneSettings(lora_r=0)
+    model = prepare_for_training(load_base(ws / "mod", s), s)
+    enc, samples, _ = _batch(ws, 4)
+    batch = collate([enc.encode(x) for x in samples], enc.pad_token_id, padding_side=padding_side)
+    inputs = model_inputs(batch)
+    sdpa = Teacher(model, sorted(enc.vision_ids), attention=True)
+    sdpa.forward(inputs)
+    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    eager = Teacher(model, sorted(enc.vision_ids), attention=True)
+    eager.forward(inputs)
+    assert sorted(sdpa.received) == sorted(eager.received) == MOD_LAYERS
+    for layer in MOD_LAYERS:
+        torch.testing.assert_close(sdpa.received[layer], eager.received[layer], atol=1e-5, rtol=1e-4)

@@ -7,13 +7,17 @@ is restored afterwards. The teacher pass therefore gives exactly the input check
 
 With ``attention=True`` the pass also records, for every MoD layer, the attention each key receives from
 the text queries after the row's first vision token (mean over heads and those queries): the ranking
-target of :func:`~pmod_convert.training.losses.router_rank_loss`. The attention weights come from the
-attention modules' return value, which transformers 5.x fills only with the eager implementation, so the
-teacher pass switches the model to eager attention and back (``set_attn_implementation``). Each layer's
-map ``[batch, heads, seq, seq]`` is reduced inside a forward hook and never kept.
+target of :func:`~pmod_convert.training.losses.router_rank_loss`. For a model on sdpa (or another fused
+kernel) the teacher pass runs under a registered attention function (``pmod_capture_<kernel>``, see
+transformers' ``AttentionInterface``) that calls the model's own kernel and, in MoD layers, also computes
+``softmax(q_text K^T * scaling)`` for the text query rows only, from the post-RoPE query and key states
+the kernel receives: ``[batch, heads, text queries, seq]`` instead of a full ``seq x seq`` map. A model
+loaded with eager attention is hooked instead (eager returns the weights). Either way nothing is kept
+beyond one ``[batch, seq]`` vector per MoD layer.
 
 Cost: one extra forward without gradient per micro-batch (about a third of a training step's compute), the
-teacher's logits at the distilled positions, and with ``attention=True`` one eager attention map at a time.
+teacher's logits at the distilled positions, and with ``attention=True`` one text-query attention map at a
+time (see ``benchmarks/finetune_step.py`` for the measured step-time ratio).
 """
 
 from __future__ import annotations
@@ -30,6 +34,56 @@ from .routing import bare_model, mod_layers
 
 def _peft_model(model: nn.Module) -> nn.Module | None:
     return model if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None
+
+
+def _register_capture(kernel: str) -> str:
+    """Register (once) ``pmod_capture_<kernel>``: ``kernel``'s attention plus the text-query attention map."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    name = f"pmod_capture_{kernel}"
+    if name in AttentionInterface._global_mapping:
+        return name
+    inner = AttentionInterface._global_mapping[kernel]
+
+    def capture_attention(module, query, key, value, attention_mask, **kwargs):
+        capture = getattr(module, "_pmod_capture", None)
+        if capture is not None:
+            capture(query, key, attention_mask, kwargs.get("scaling"))
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, capture_attention)
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[kernel])
+    return name
+
+
+def text_query_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, queries: torch.Tensor,
+                         scaling: float | None) -> torch.Tensor:
+    """Attention each key receives from the ``queries`` rows, mean over heads and those rows: ``[batch, keys]``.
+
+    query ``[batch, heads, seq, dim]`` and key ``[batch, kv_heads, keys, dim]`` (post-RoPE, as an attention
+    kernel receives them); mask: the kernel's 4-D mask (bool: True = attend, or additive float) or None
+    (plain causal); queries: bool ``[batch, seq]``.
+    """
+    b, h, n, d = query.shape
+    keys = key.shape[2]
+    width = max(int(queries.sum(1).max()), 1)
+    order = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :width]  # text query positions first
+    valid = torch.gather(queries, 1, order)  # [b, width]
+    q = torch.gather(query, 2, order[:, None, :, None].expand(b, h, width, d)).float()
+    k = key.float().repeat_interleave(h // key.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) * (scaling if scaling is not None else d ** -0.5)  # [b, h, width, keys]
+    if mask is None or mask.dim() != 4:
+        position = order + (keys - n)  # with a cache, queries are the last n of the keys
+        allowed = torch.arange(keys, device=query.device)[None, None, :] <= position[:, :, None]
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    else:
+        rows = torch.gather(mask.expand(b, mask.shape[1], n, keys), 2,
+                            order[:, None, :, None].expand(b, mask.shape[1], width, keys))
+        scores = scores.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else scores + rows.float()
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0) * valid[:, None, :, None]
+    count = valid.sum(1).clamp_min(1).to(weights.dtype)
+    return weights.sum(dim=(1, 2)) / (count[:, None] * h)
 
 
 def text_queries(input_ids: torch.Tensor, attention_mask: torch.Tensor, vision_ids: Sequence[int]) -> torch.Tensor:
@@ -57,17 +111,25 @@ class Teacher:
         self._queries: torch.Tensor | None = None
 
     def _hook(self, index: int):
-        def hook(module, args, output):
+        def hook(module, args, output):  # eager attention: the module returns its weights
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if weights is None:
                 raise RecipeError("the attention modules return no attention weights under eager attention; "
                                   "set router_rank_coef 0 for this model family")
             q = self._queries.to(weights.device, weights.dtype)  # [batch, seq]
             n = q.sum(1).clamp_min(1.0)
-            # attention each key receives: sum over heads and text queries, divided by heads * queries
             got = torch.einsum("bhqk,bq->bk", weights.detach().float(), q.float())
             self.received[index] = got / (n.unsqueeze(1) * weights.shape[1])
         return hook
+
+    def _capture(self, index: int):
+        def capture(query, key, mask, scaling):
+            queries = self._queries.to(query.device)
+            if queries.shape[1] != query.shape[2]:
+                raise RecipeError(f"layer {index}: the teacher saw {query.shape[2]} queries for a batch of "
+                                  f"{queries.shape[1]} tokens; set router_rank_coef 0 for this model family")
+            self.received[index] = text_query_attention(query.detach(), key.detach(), mask, queries, scaling)
+        return capture
 
     @torch.no_grad()
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -80,12 +142,18 @@ class Teacher:
         self.received = {}
         peft = _peft_model(self.model)
         was_training = self.model.training
-        handles, previous = [], None
+        handles, previous, captured = [], None, []
         if self.attention:
             self._queries = text_queries(inputs["input_ids"], inputs["attention_mask"], self.vision_ids)
             previous = self.bare.config._attn_implementation
-            self.bare.set_attn_implementation("eager")
-            handles = [layer.self_attn.register_forward_hook(self._hook(i)) for i, layer in self.layers.items()]
+            if previous == "eager":
+                handles = [layer.self_attn.register_forward_hook(self._hook(i)) for i, layer in self.layers.items()]
+                previous = None
+            else:
+                self.bare.set_attn_implementation(_register_capture(previous))
+                for i, layer in self.layers.items():
+                    layer.self_attn._pmod_capture = self._capture(i)
+                    captured.append(layer.self_attn)
         self.model.eval()
         try:
             adapters = peft.disable_adapter() if peft is not None else contextlib.nullcontext()
@@ -94,6 +162,8 @@ class Teacher:
         finally:
             for handle in handles:
                 handle.remove()
+            for module in captured:
+                del module._pmod_capture
             if previous is not None:
                 self.bare.set_attn_implementation(previous)
             self._queries = None
