@@ -5,11 +5,12 @@ patch of 64), so a Mixture-of-Depths conversion that drops the wrong vision toke
 
 Tasks (``TASKS``):
 
-- ``object``: one 6 x 6 px object (shape x colour) at a random place on a mostly empty dark canvas.
-  Questions: its colour, its shape, the quadrant it is in (4 balanced answers each, blind ~25%).
+- ``object``: one small object (shape x colour; 12 x 12 px over 2 x 2 patches by default, ``object_cells``)
+  at a random place on a mostly empty dark canvas. Questions: its colour and its shape (4 balanced answers
+  each, blind ~25%; a ``quadrant`` kind exists but is off by default).
   Model: ``LlavaForConditionalGeneration`` = CLIP vision tower + Llama decoder.
-- ``oddone``: a 4 x 4 grid of identical small objects, one of which has another colour. Questions: the
-  row, the column and the quadrant of the odd one (the 15 others are grey, the odd one coloured) (4 balanced answers each, blind ~25%).
+- ``oddone``: a 4 x 4 grid of 15 identical grey objects and one odd, coloured one (of any shape). Questions:
+  the colour and the shape of the odd one (row / column / quadrant kinds exist but are off by default) (4 balanced answers each, blind ~25%).
   Model: ``LlavaForConditionalGeneration`` = CLIP vision tower + Qwen2 decoder (``text_config`` qwen2).
 
 Every model has its own word-level tokenizer (``tokenizers`` WordLevel wrapped in
@@ -67,6 +68,8 @@ QUESTIONS = {
         "quadrant": ["which quadrant is the object in ?", "where is the object ?"],
     },
     "oddone": {
+        "colour": ["what colour is the odd one ?", "which colour does the different object have ?"],
+        "shape": ["what shape is the odd one ?", "which shape does the different object have ?"],
         "row": ["which row holds the odd one ?", "in which row is the different object ?"],
         "column": ["which column holds the odd one ?", "in which column is the different object ?"],
         "quadrant": ["which quadrant holds the odd one ?", "where is the different object ?"],
@@ -116,10 +119,13 @@ class TaskConfig:
     max_seconds: float = 330.0  # wall-clock cap of the training loop (s)
     kinds: tuple[str, ...] | None = None  # question kinds asked (None: all of the task's kinds)
     object_cells: int = 1  # objects cover k x k patches (8 px cells; oddone: 1 or 2)
+    # amplitude of a 2-D sin/cos start for the tower's position embeddings (0: transformers' random init).
+    # Measured: 1.0 kept the model at the blind baseline past step 600 (background tokens stop looking alike).
+    sincos_init: float = 0.0
     format: int = FORMAT
 
     def key(self, seed: int) -> str:
-        defaults = {"kinds": None, "object_cells": 1}  # fields added later: absent from older keys
+        defaults = {"kinds": None, "object_cells": 1, "sincos_init": 0.0}  # fields added later: absent from older keys
         fields = {k: v for k, v in asdict(self).items() if not (k in defaults and v == defaults[k])}
         blob = json.dumps({**fields, "seed": seed}, sort_keys=True)
         return f"{self.task}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
@@ -128,10 +134,13 @@ class TaskConfig:
 TASKS: dict[str, TaskConfig] = {
     # object_cells 2: a 12 x 12 px object over 4 of the 64 patches. With one patch (6 px) the models stayed at
     # the blind baseline for ~500 steps and reached only 66% after 900 steps (~4 min on the shared CPU).
-    "object": TaskConfig(task="object", decoder="llama", hidden=96, layers=4, steps=1500, max_seconds=540.0,
-                         eval_every=100, target_val=0.95, object_cells=2),
-    "oddone": TaskConfig(task="oddone", decoder="qwen2", hidden=96, layers=5, heads=4, kv_heads=2, steps=1500,
-                         max_seconds=540.0, eval_every=100, target_val=0.95, object_cells=2),
+    # Position questions (quadrant, row, column) are left out by default: on the shared CPU they stayed near
+    # their blind baseline longest (quadrant 48% when colour reached 89%), so no model reached 90% in budget.
+    "object": TaskConfig(task="object", decoder="llama", hidden=96, layers=4, steps=1200, max_seconds=480.0,
+                         eval_every=100, target_val=0.95, object_cells=2, lr=4e-3, kinds=("colour", "shape")),
+    "oddone": TaskConfig(task="oddone", decoder="qwen2", hidden=96, layers=5, heads=4, kv_heads=2, steps=2000,
+                         max_seconds=900.0, eval_every=100, target_val=0.95, object_cells=2, lr=4e-3,
+                         kinds=("colour", "shape")),
 }
 
 
@@ -197,12 +206,15 @@ def make_example(task: str, rng: np.random.Generator, kinds: tuple[str, ...] | N
         k = object_cells
         offset = (int(rng.integers(2)), int(rng.integers(2))) if k == 1 else (0, 0)
         odd = (int(rng.integers(4)), int(rng.integers(4)))
-        shape = SHAPES[int(rng.integers(4))]
+        shape, odd_shape = SHAPES[int(rng.integers(4))], SHAPES[int(rng.integers(4))]
+        odd_colour = colours[int(rng.integers(4))]
         for r in range(4):
             for c in range(4):
-                colour = colours[int(rng.integers(4))] if (r, c) == odd else "grey"
-                _draw(img, (2 * r + offset[0], 2 * c + offset[1]), shape, colour, min(k, 2))
-        answer = {"row": ORDINALS[odd[0]], "column": ORDINALS[odd[1]], "quadrant": _quadrant(*odd, 4)}[kind]
+                is_odd = (r, c) == odd
+                _draw(img, (2 * r + offset[0], 2 * c + offset[1]), odd_shape if is_odd else shape,
+                      odd_colour if is_odd else "grey", min(k, 2))
+        answer = {"colour": odd_colour, "shape": odd_shape, "row": ORDINALS[odd[0]], "column": ORDINALS[odd[1]],
+                  "quadrant": _quadrant(*odd, 4)}[kind]
     else:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return img, kind, question, answer
@@ -284,10 +296,11 @@ def build_model(cfg: TaskConfig, vocab_size: int, tokenizer, seed: int):
                          tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():  # a 2-D sin/cos start for the tower's learned position embeddings (CLS row: zeros)
-        emb = model.model.vision_tower.embeddings.position_embedding.weight
-        emb[0].zero_()
-        emb[1:].copy_(sincos_2d(GRID, emb.shape[1]))
+    if cfg.sincos_init:  # a 2-D sin/cos start for the tower's learned position embeddings (CLS row: zeros)
+        with torch.no_grad():
+            emb = model.model.vision_tower.embeddings.position_embedding.weight
+            emb[0].zero_()
+            emb[1:].copy_(cfg.sincos_init * sincos_2d(GRID, emb.shape[1]))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
