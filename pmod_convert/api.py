@@ -293,7 +293,7 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     recipe = recipe_from_config(pmod)
     _apply(model, get_adapter(model), list(pmod["layer_ratios"]), recipe.router, method=pmod.get("method", "pmod"))
     model.config.pmod = pmod
-    _load_router_weights(model, path)
+    _load_router_weights(model, path, allow_pickle)
     if adapter and has_sidecar(path):
         model = load_sidecar(model, path, allow_pickle=allow_pickle)
         model.eval()
@@ -316,8 +316,9 @@ def load_any(path: str | Path, dtype: str | torch.dtype | None = None, device: s
     return load(path, dtype=dtype, device_map=device_map, allow_pickle=allow_pickle)
 
 
-def _load_router_weights(model: nn.Module, path: str | Path) -> None:
-    load_router_state(model, {f"{k}": v for k, v in read_router_tensors(path).items()}, where=str(path))
+def _load_router_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
+    tensors = read_router_tensors(path, allow_pickle=allow_pickle)
+    load_router_state(model, {f"{k}": v for k, v in tensors.items()}, where=str(path))
 
 
 def convert(source: str | Path, out: str | Path, recipe: Recipe | None = None, *,

@@ -694,18 +694,21 @@ def pair_from_shape(name: str, recipe: Any = None, *, dtype: str | torch.dtype |
 
 def pair_from_checkpoint(checkpoint: str | Path, dense: str | Path | None = None, *,
                          dtype: str | torch.dtype | None = None,
-                         device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module, str]:
+                         device: str | torch.device = "cpu", allow_pickle: bool = False
+                         ) -> tuple[nn.Module, nn.Module, str]:
     """``(mod, dense, label)``: a pmod checkpoint (``load_pretrained``) and its dense model: ``dense`` if given,
     else the same folder loaded with ``load_dense`` (routers ignored: the dense fallback). A finetune
-    sidecar's LoRA is merged into the MoD model's weights, so it costs no extra time."""
+    sidecar's LoRA is merged into the MoD model's weights, so it costs no extra time. ``allow_pickle``: accept
+    ``pytorch_model.bin`` / ``adapter_model.bin`` weights in either folder (safetensors only by default)."""
     from .api import load_dense, load_pretrained
 
     device = _resolve_device(device, None) if device is not None else torch.device("cpu")
     device_map = str(device) if device.type == "cuda" else None
-    mod = load_pretrained(checkpoint, dtype=dtype, device_map=device_map)
+    mod = load_pretrained(checkpoint, dtype=dtype, device_map=device_map, allow_pickle=allow_pickle)
     if hasattr(mod, "merge_and_unload"):
         mod = mod.merge_and_unload()
-    reference = load_dense(dense if dense is not None else checkpoint, dtype=dtype, device_map=device_map)
+    reference = load_dense(dense if dense is not None else checkpoint, dtype=dtype, device_map=device_map,
+                           allow_pickle=allow_pickle)
     label = f"checkpoint {checkpoint} vs dense {dense if dense is not None else f'{checkpoint} (routers ignored)'}"
     return mod, reference, label
 

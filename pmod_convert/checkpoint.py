@@ -309,10 +309,20 @@ def read_routers(path: str | Path) -> dict[tuple[int, str], torch.Tensor]:
     return out
 
 
-def read_router_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every ``*.pmod_router.*`` tensor stored in the checkpoint's safetensors files."""
+def read_router_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every ``*.pmod_router.*`` tensor stored in the checkpoint's safetensors files (with ``allow_pickle``, in
+    its ``pytorch_model*.bin`` files when it has no safetensors; read with ``weights_only`` unpickling)."""
     tensors: dict[str, torch.Tensor] = {}
     marker = f".{ROUTER_NAME}."
+    if allow_pickle and not any(Path(path).glob("*.safetensors")):
+        for file in sorted(Path(path).glob("pytorch_model*.bin")):
+            try:
+                state = torch.load(str(file), map_location="cpu", weights_only=True)
+            except Exception as exc:  # a truncated file, or a pickle weights_only refuses
+                raise CheckpointError(f"{file} cannot be read ({str(exc).splitlines()[0] if str(exc) else exc}); "
+                                      "the checkpoint is corrupt") from None
+            tensors.update({k: v for k, v in state.items() if marker in k})
+        return tensors
     for file in weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as handle:

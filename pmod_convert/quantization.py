@@ -59,7 +59,7 @@ def skeleton(checkpoint: Path) -> nn.Module:
 
     cls = get_adapter(read_config(checkpoint)).model_cls()
     with init_empty_weights():
-        return cls._from_config(AutoConfig.from_pretrained(str(checkpoint)))
+        return cls._from_config(AutoConfig.from_pretrained(str(checkpoint), trust_remote_code=False))
 
 
 def _holds_linear(module: nn.Module) -> bool:

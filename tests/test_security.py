@@ -391,3 +391,135 @@ def test_overwrite_never_replaces_a_source_its_parent_cwd_or_a_foreign_folder(de
     empty.mkdir()
     assert run("add-routers", source, "--out", empty, "--overwrite")[0] == 0
     assert os.listdir(tmp_path / "work") == ["file.txt"]
+
+
+# ---- 7. --allow-pickle / --allow-outside-images on every command that loads weights or data -------------------------
+def _pickle_only(folder: Path, dest: Path) -> Path:
+    """A copy of ``folder`` whose weights are only ``pytorch_model.bin``."""
+    source = copy_tree(folder, dest)
+    torch.save(load_file(str(source / "model.safetensors")), source / "pytorch_model.bin")
+    (source / "model.safetensors").unlink()
+    return source
+
+
+@pytest.fixture(scope="module")
+def flagged(dense, mod, tmp_path_factory):
+    """Pickle-only dense and pmod checkpoints, a good dataset and one whose second row's image lies outside."""
+    root = tmp_path_factory.mktemp("flags")
+    data, images = write_images(root / "d", n=6)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(root / "d" / "outside.png")
+    rows = json.loads(data.read_text())
+    outside = root / "d" / "outside.json"
+    outside.write_text(json.dumps([rows[0], {**rows[1], "image": "../outside.png"}, *rows[2:]]))
+    return {"dense": _pickle_only(dense, root / "dense-bin"), "mod": _pickle_only(mod, root / "mod-bin"),
+            "data": data, "outside": outside, "images": images, "root": root}
+
+
+PICKLE_REFUSED = "holds only pickle weights"
+OUTSIDE_REFUSED = "outside the image folder"
+
+
+def _refused(args, message, flag, *paths_absent):
+    code, output = run(*args)
+    assert code != 0, (args, output)
+    line = one_error_line(output)
+    assert message in line and flag in line, line
+    for path in paths_absent:
+        assert not Path(path).exists(), path
+
+
+def test_pickle_only_pmod_checkpoint_loads_with_allow_pickle(flagged, mod):
+    with pytest.raises(CheckpointError, match=PICKLE_REFUSED):
+        load_pretrained(flagged["mod"])
+    model, reference = load_pretrained(flagged["mod"], allow_pickle=True), load_pretrained(mod)
+    routers = {k: v for k, v in reference.state_dict().items() if "pmod_router" in k}
+    assert routers and all(torch.equal(model.state_dict()[k], v) for k, v in routers.items())
+
+
+def test_finetune_flags(flagged, mod, tmp_path):
+    f = flagged
+    common = ["--image-folder", f["images"], "--max-steps", "1", "--lora-r", "0", "--stats-samples", "2",
+              "--save-steps", "0", "--val-min", "2"]
+    before = snapshot(f["mod"])
+    _refused(["finetune", f["mod"], "--data", f["data"], "--out", tmp_path / "a", *common], PICKLE_REFUSED,
+             "--allow-pickle", tmp_path / "a", tmp_path / "a-finetune-run")
+    _refused(["finetune", mod, "--data", f["outside"], "--out", tmp_path / "b", *common], OUTSIDE_REFUSED,
+             "--allow-outside-images", tmp_path / "b")
+    _refused(["finetune", mod, "--data", f["data"], "--val-data", f["outside"], "--out", tmp_path / "b", *common],
+             OUTSIDE_REFUSED, "--allow-outside-images", tmp_path / "b")
+    code, output = run("finetune", f["mod"], "--data", f["outside"], "--val-data", f["outside"],
+                       "--out", tmp_path / "c", *common, "--allow-pickle", "--allow-outside-images")
+    assert code == 0, output
+    assert (tmp_path / "c" / "pmod_adapter").is_dir() and snapshot(f["mod"]) == before
+    load_pretrained(tmp_path / "c", allow_pickle=True)
+
+
+def test_finetune_flags_do_not_block_resume(flagged, tmp_path):
+    f = flagged
+    common = ["finetune", f["mod"], "--data", f["outside"], "--image-folder", f["images"], "--run-dir",
+              tmp_path / "run", "--max-steps", "2", "--save-steps", "1", "--lora-r", "0", "--stats-samples", "2",
+              "--val-min", "2", "--allow-pickle", "--allow-outside-images"]
+    assert run(*common, "--out", tmp_path / "a")[0] == 0
+    code, output = run(*common, "--out", tmp_path / "b", "--resume")
+    assert code == 0, output
+
+
+def test_eval_flags(flagged, mod, tmp_path):
+    f = flagged
+    common = ["--image-folder", f["images"], "--limit", "2", "--batch-size", "2", "--max-new-tokens", "1",
+              "--device", "cpu"]
+    _refused(["eval", f["mod"], "--data", f["data"], "--out", tmp_path / "a", *common], PICKLE_REFUSED,
+             "--allow-pickle", tmp_path / "a")
+    _refused(["eval", f["dense"], "--data", f["data"], "--out", tmp_path / "a", *common], PICKLE_REFUSED,
+             "--allow-pickle", tmp_path / "a")
+    _refused(["eval", mod, "--data", f["outside"], "--out", tmp_path / "a", *common], OUTSIDE_REFUSED,
+             "--allow-outside-images", tmp_path / "a")
+    for name, checkpoint in (("mod", f["mod"]), ("dense", f["dense"])):
+        code, output = run("eval", checkpoint, "--data", f["outside"], "--out", tmp_path / name, *common,
+                           "--allow-pickle", "--allow-outside-images")
+        assert code == 0, output
+        assert json.loads((tmp_path / name / "summary.json").read_text())["samples"] == 2
+
+
+def test_calibrate_flags(flagged, mod, tmp_path):
+    f = flagged
+    common = ["--image-folder", f["images"], "--target-kv", "0.8", "--samples", "4", "--no-warm-start",
+              "--holdout", "0"]
+    before = snapshot(f["dense"])
+    _refused(["calibrate", f["dense"], "--data", f["data"], "--out", tmp_path / "a", *common], PICKLE_REFUSED,
+             "--allow-pickle", tmp_path / "a")
+    _refused(["calibrate", mod, "--data", f["outside"], "--out", tmp_path / "a", *common], OUTSIDE_REFUSED,
+             "--allow-outside-images", tmp_path / "a")
+    _refused(["calibrate", f["dense"], "--data", f["outside"], "--out", tmp_path / "a", *common, "--method", "fastv",
+              "--allow-pickle"], OUTSIDE_REFUSED, "--allow-outside-images", tmp_path / "a")
+    code, output = run("calibrate", f["dense"], "--data", f["outside"], "--out", tmp_path / "b", *common,
+                       "--allow-pickle", "--allow-outside-images")
+    assert code == 0, output
+    assert snapshot(f["dense"]) == before
+    assert list((tmp_path / "b").glob("*.safetensors")) and not list((tmp_path / "b").glob("*.bin"))
+    load_pretrained(tmp_path / "b")
+
+
+def test_bench_flag(flagged, mod):
+    f = flagged
+    common = ["--vision-tokens", "4", "--text-tokens", "4", "--new-tokens", "1", "--repeats", "1", "--warmup", "0",
+              "--no-memory"]
+    _refused(["bench", f["mod"], *common], PICKLE_REFUSED, "--allow-pickle")
+    _refused(["bench", mod, "--dense", f["dense"], *common], PICKLE_REFUSED, "--allow-pickle")
+    code, output = run("bench", f["mod"], "--dense", f["dense"], *common, "--allow-pickle")
+    assert code == 0, output
+
+
+def test_compare_flags(flagged, dense, tmp_path):
+    f = flagged
+    common = ["--image-folder", f["images"], "--budgets", "0.9", "--methods", "fastv", "--limit", "2",
+              "--batch-size", "2", "--samples", "4", "--bench-batch", "1", "--bench-repeats", "1"]
+    _refused(["compare", f["dense"], "--data", f["data"], "--calib", f["data"], "--out", tmp_path / "a", *common],
+             PICKLE_REFUSED, "--allow-pickle")
+    _refused(["compare", dense, "--data", f["outside"], "--calib", f["data"], "--out", tmp_path / "b", *common],
+             OUTSIDE_REFUSED, "--allow-outside-images")
+    code, output = run("compare", f["dense"], "--data", f["outside"], "--calib", f["outside"],
+                       "--out", tmp_path / "c", *common, "--allow-pickle", "--allow-outside-images")
+    assert code == 0, output
+    rows = json.loads((tmp_path / "c" / "compare.json").read_text())["rows"]
+    assert [r["error"] for r in rows] == [None, None], rows

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..adapters import get_adapter
 from ..api import add_pruning, add_routers, load_dense, save_pretrained
-from ..checkpoint import atomic_folder, check_replaceable, read_config, update_in_place
+from ..checkpoint import atomic_folder, check_replaceable, read_config, require_safetensors, update_in_place
 from ..data import DataError, SampleEncoder, model_inputs, read_samples
 from ..devices import resolve_device, to_device
 from ..efficiency import TextShape, vision_tower_flops_for_tokens
@@ -72,7 +72,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
               tolerance: float = 0.01, rank_rows: int = 64, rank_rtol: float = 1e-3, logit_std: float = 0.1,
               router_targets: tuple[str, ...] = ("text_attention", "key_attention"), dtype: str | None = None, device: str | None = None,
               progress: bool = True, method: str = "pmod", fastv_k: int | None = None,
-              pdrop_stages: int | None = None) -> CalibrationResult:
+              pdrop_stages: int | None = None, allow_pickle: bool = False,
+              allow_outside_images: bool = False) -> CalibrationResult:
     """Calibrate CHECKPOINT (dense, or a pmod checkpoint from add-routers) on a LLaVA-style dataset.
 
     Writes an MoD checkpoint to ``out`` (or updates ``checkpoint`` in place when ``out`` is None) whose
@@ -90,7 +91,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     In place (``out`` None), only the files calibrate writes are replaced (each atomically, config.json last):
     subfolders, notes and other files of the checkpoint stay; a dense checkpoint is never converted in place.
     With ``out``, ``overwrite`` replaces only an earlier pmod-convert output, never CHECKPOINT or a folder
-    holding it.
+    holding it. ``allow_pickle``: accept ``pytorch_model.bin`` weights (safetensors only by default);
+    ``allow_outside_images``: accept image paths that lead outside ``image_folder`` (refused by default).
 
     ``method``: ``"pmod"`` (routers, everything above), or a training-free pruning baseline on the same engine:
     ``"fastv"`` (Chen et al. 2024: after layer ``fastv_k`` drop the least-attended share R of the vision tokens;
@@ -118,6 +120,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     checkpoint = Path(checkpoint)
     config = read_config(checkpoint)
     adapter = get_adapter(config)
+    require_safetensors(checkpoint, allow_pickle)  # before any data is read or encoded
     if (checkpoint / SIDECAR_DIR).exists():
         raise CheckpointError(f"{checkpoint} holds a finetune sidecar ({SIDECAR_DIR}/); calibrate before finetuning, "
                               "or export/merge the finetuned model first")
@@ -141,10 +144,11 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
             checkpoint, data, image_folder, dest=dest, in_place=in_place, overwrite=overwrite, method=method,
             target_flops=target_flops, target_kv=target_kv, fastv_k=fastv_k, pdrop_stages=pdrop_stages,
             samples=samples, seed=seed, skip_bad_rows=skip_bad_rows, include_vision_tower=include_vision_tower,
-            tolerance=tolerance, dtype=dtype, progress=progress, text_shape=text_shape, config=config)
+            tolerance=tolerance, dtype=dtype, progress=progress, text_shape=text_shape, config=config,
+            allow_pickle=allow_pickle, allow_outside_images=allow_outside_images)
 
     # 1. data
-    dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows)
+    dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows, allow_outside_images=allow_outside_images)
     encoder = SampleEncoder.from_pretrained(checkpoint)
     items, ids, skipped = _encode(dataset, encoder, samples, seed, skip_bad_rows, progress)
     vision_ids = adapter.vision_token_ids(encoder.config)
@@ -169,7 +173,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
         fit_layers = {i for i, r in enumerate(early.ratios) if r is not None}
 
     # 3. measurements on the fit split
-    model = load_dense(checkpoint, dtype=dtype, attn_implementation="eager")
+    model = load_dense(checkpoint, dtype=dtype, attn_implementation="eager", allow_pickle=allow_pickle)
     if device is not None:
         model.to(device)
     run_device = next(model.parameters()).device
@@ -237,17 +241,18 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
 def _calibrate_baseline(checkpoint: Path, data, image_folder, *, dest: Path, in_place: bool, overwrite: bool,
                         method: str, target_flops, target_kv, fastv_k, pdrop_stages, samples: int, seed: int,
                         skip_bad_rows: bool, include_vision_tower: bool, tolerance: float, dtype, progress: bool,
-                        text_shape: TextShape, config: dict) -> CalibrationResult:
+                        text_shape: TextShape, config: dict, allow_pickle: bool = False,
+                        allow_outside_images: bool = False) -> CalibrationResult:
     """FastV / PyramidDrop: solve the budget on the data's token counts, convert, write (no measurement pass)."""
     adapter = get_adapter(config)
-    dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows)
+    dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows, allow_outside_images=allow_outside_images)
     encoder = SampleEncoder.from_pretrained(checkpoint)
     items, ids, skipped = _encode(dataset, encoder, samples, seed, skip_bad_rows, progress)
     workload = _workload(items, adapter.vision_token_ids(encoder.config), text_shape,
                          config if include_vision_tower else None)
     solution = solve_baseline_budget(workload, method, target_flops=target_flops, target_kv=target_kv, k=fastv_k,
                                      stages=pdrop_stages, tolerance=tolerance)
-    model = load_dense(checkpoint, dtype=dtype)
+    model = load_dense(checkpoint, dtype=dtype, allow_pickle=allow_pickle)
     add_pruning(model, method, solution.ratios)
     est = solution.estimate
     n = len(workload.n_vision)

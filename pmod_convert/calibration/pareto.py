@@ -45,12 +45,15 @@ def compare(dense: str | Path, data: str | Path, image_folder: str | Path | None
             methods: tuple[str, ...] = ("pmod", "fastv", "pdrop"), calib_image_folder: str | Path | None = None,
             limit: int | None = None, batch_size: int = 16, samples: int = 64, seed: int = 0,
             bench_batch: int = 16, bench_repeats: int = 5, overwrite: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, allow_pickle: bool = False, allow_outside_images: bool = False) -> dict[str, Any]:
     """Evaluate dense, each ``methods`` entry at each of ``budgets`` (decoder FLOPs ratios) and each
     ``finetuned`` pmod checkpoint; write ``out/compare.json``, ``out/compare.png`` and the converted
     checkpoints (``out/<method>-<budget>``). Returns the JSON document (``rows``: :class:`CompareRow` dicts).
 
     A budget a method cannot reach becomes a row with ``error`` set (the other rows still run).
+    ``allow_pickle``: accept ``pytorch_model.bin`` / ``adapter_model.bin`` weights in ``dense`` and ``finetuned``
+    (safetensors only by default); ``allow_outside_images``: accept image paths of ``data`` / ``calib`` that
+    lead outside their image folder (refused by default).
 
     Raises:
         RecipeError: no budget, a budget outside (0, 1], or an unknown method.
@@ -71,8 +74,8 @@ def compare(dense: str | Path, data: str | Path, image_folder: str | Path | None
         raise RecipeError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     calib_folder = calib_image_folder if calib_image_folder is not None else image_folder
-    eval_kw = dict(limit=limit, batch_size=batch_size, progress=progress)
-    dense_model = load_dense(dense)
+    eval_kw = dict(limit=limit, batch_size=batch_size, progress=progress, allow_outside_images=allow_outside_images)
+    dense_model = load_dense(dense, allow_pickle=allow_pickle)
     rows: list[CompareRow] = []
     tokens: dict[str, float] | None = None
 
@@ -98,7 +101,8 @@ def compare(dense: str | Path, data: str | Path, image_folder: str | Path | None
             row = CompareRow(f"{METHOD_LABELS[method]} @ {budget:g}", method, budget, str(path), None, None, None, None)
             try:
                 result = calibrate(dense, calib, calib_folder, out=path, target_flops=budget, method=method,
-                                   samples=samples, seed=seed, overwrite=True, progress=progress)
+                                   samples=samples, seed=seed, overwrite=True, progress=progress,
+                                   allow_pickle=allow_pickle, allow_outside_images=allow_outside_images)
             except PmodError as exc:
                 row.error = str(exc)
                 log.warning("%s: %s", row.label, exc)
@@ -112,7 +116,7 @@ def compare(dense: str | Path, data: str | Path, image_folder: str | Path | None
     for path in finetuned:
         row = CompareRow(f"{METHOD_LABELS['finetuned']} ({Path(path).name})", "finetuned", None, str(path),
                          None, None, None, None)
-        rows.append(measure(row, Path(path), load_pretrained(path)))
+        rows.append(measure(row, Path(path), load_pretrained(path, allow_pickle=allow_pickle)))
 
     doc = {"dense": str(dense), "data": str(data), "calib": str(calib), "budgets": list(budgets),
            "bench": {"batch_size": bench_batch, "repeats": bench_repeats, "tokens_per_prompt": tokens},

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from .common import (
+    AllowPickleOpt,
     AvgOpt,
     LayersOpt,
     MaxOpt,
@@ -55,6 +56,7 @@ def bench_cmd(
         "--out", "-o", help="Write the report as JSON here, and a PNG plot beside it.")] = None,
     recipe: RecipeOpt = None, schedule: ScheduleOpt = None, avg_ratio: AvgOpt = None, max_ratio: MaxOpt = None,
     min_ratio: MinOpt = None, ratio: RatioOpt = None, layers: LayersOpt = None, ratios: RatiosOpt = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Time the MoD model against its dense model in one process (prefill, decode, memory, KV cache).
 
@@ -89,7 +91,8 @@ def bench_cmd(
             raise BenchError("schedule options (--recipe, --schedule, --ratio, ...) apply to --shape; "
                              "a checkpoint brings its own schedule")
         with console.status(f"loading {checkpoint} ..."):
-            mod, reference, label = pair_from_checkpoint(checkpoint, dense, dtype=dtype, device=device)
+            mod, reference, label = pair_from_checkpoint(checkpoint, dense, dtype=dtype, device=device,
+                                                       allow_pickle=allow_pickle)
     report = bench(mod, reference, batch_size=batch_size, vision_tokens=vision_tokens, text_tokens=text_tokens,
                    new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device, seed=seed, memory=memory, label=label)
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import MaxOpt, MinOpt, app, console, one_line_errors
+from .common import AllowOutsideImagesOpt, AllowPickleOpt, MaxOpt, MinOpt, app, console, one_line_errors
 
 
 @app.command("calibrate")
@@ -53,6 +53,8 @@ def calibrate_cmd(
         "--pdrop-stages", help="PyramidDrop: number of stages (default: the paper's 4, at most the layer count).")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace --out if it is an earlier pmod-convert output (never CHECKPOINT).")] = False,
+    allow_pickle: AllowPickleOpt = False,
+    allow_outside_images: AllowOutsideImagesOpt = False,
 ) -> None:
     """Fit the PRD schedule to a FLOPs or KV-cache budget on calibration data, choose MoD layers from measured
     redundancy, warm-start the routers; write the checkpoint, calibration_report.json and plots."""
@@ -63,7 +65,8 @@ def calibrate_cmd(
         layer_selection=layer_selection, shape=shape, profile=profile, warm_start=warm_start, samples=samples,
         holdout=holdout, seed=seed, include_vision_tower=include_vision_tower, skip_bad_rows=skip_bad_rows,
         max_ratio=max_ratio, min_ratio=min_ratio, device=device, dtype=dtype, overwrite=overwrite, method=method,
-        fastv_k=fastv_k, pdrop_stages=pdrop_stages)
+        fastv_k=fastv_k, pdrop_stages=pdrop_stages, allow_pickle=allow_pickle,
+        allow_outside_images=allow_outside_images)
     report = result.report
     if method != "pmod":
         budget, est = report["budget"], report["estimate"]

@@ -52,6 +52,9 @@ BetaOpt = Annotated[Optional[float], typer.Option("--tanh-beta", help="TanhNorm 
 AllowPickleOpt = Annotated[bool, typer.Option(
     "--allow-pickle", help="Also load pickle weights (pytorch_model.bin, adapter_model.bin); only for files you "
                            "trust (default: safetensors only).")]
+AllowOutsideImagesOpt = Annotated[bool, typer.Option(
+    "--allow-outside-images", help="Accept dataset image paths that lead outside the image folder (absolute paths, "
+                                   "'..', links out of it); default: refused.")]
 
 
 # ---- shared run options ------------------------------------------------------------------------

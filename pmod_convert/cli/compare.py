@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import app, console, one_line_errors, out_console
+from .common import AllowOutsideImagesOpt, AllowPickleOpt, app, console, one_line_errors, out_console
 
 
 @app.command("compare")
@@ -31,6 +31,8 @@ def compare_cmd(
     bench_repeats: Annotated[int, typer.Option("--bench-repeats", help="Timed prefill runs per model.")] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out.")] = False,
+    allow_pickle: AllowPickleOpt = False,
+    allow_outside_images: AllowOutsideImagesOpt = False,
 ) -> None:
     """Evaluate dense, MoD calibrated (and finetuned), FastV and PyramidDrop at each FLOPs budget on one question
     set; print one table, write compare.json and compare.png (accuracy vs decoder FLOPs and vs prefill time)."""
@@ -44,7 +46,8 @@ def compare_cmd(
     doc = compare(dense, data, image_folder, calib, budgets=values, out=out, finetuned=finetuned or [],
                   methods=tuple(m.strip() for m in methods.split(",") if m.strip()), limit=limit,
                   batch_size=batch_size, samples=samples, seed=seed, bench_batch=bench_batch,
-                  bench_repeats=bench_repeats, overwrite=overwrite)
+                  bench_repeats=bench_repeats, overwrite=overwrite, allow_pickle=allow_pickle,
+                  allow_outside_images=allow_outside_images)
     for line in table_lines(doc):
         out_console.print(line, highlight=False, soft_wrap=True, markup=False)
     console.print(f"wrote {out}/compare.json and {out}/{COMPARE_PLOT}", highlight=False)

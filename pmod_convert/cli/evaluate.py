@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .common import DeviceOpt, DtypeOpt, app, console, one_line_errors, out_console
+from .common import AllowOutsideImagesOpt, AllowPickleOpt, DeviceOpt, DtypeOpt, app, console, one_line_errors, out_console
 
 
 @app.command("eval")
@@ -25,13 +25,16 @@ def eval_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    allow_outside_images: AllowOutsideImagesOpt = False,
 ) -> None:
     """Generate answers greedily, score them (normalised exact match, multiple-choice letters), write a summary."""
     from ..evaluation import evaluate
 
     out = out if out is not None else Path(f"eval-{checkpoint.resolve().name}")
     summary = evaluate(checkpoint, data, image_folder, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       limit=limit, skip_bad_rows=skip_bad_rows, overwrite=overwrite, device=device, dtype=dtype)
+                       limit=limit, skip_bad_rows=skip_bad_rows, overwrite=overwrite, device=device, dtype=dtype,
+                       allow_pickle=allow_pickle, allow_outside_images=allow_outside_images)
     table = Table(title=f"{checkpoint} on {data}")
     for col in ("samples", "accuracy", "exact match", "choice", "model", "est. decoder FLOPs", "est. KV"):
         table.add_column(col, justify="right")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import app, console, one_line_errors, out_console
+from .common import AllowOutsideImagesOpt, AllowPickleOpt, app, console, one_line_errors, out_console
 
 
 @app.command("finetune")
@@ -65,6 +65,8 @@ def finetune_cmd(
     keep_checkpoints: Annotated[int | None, typer.Option("--keep-checkpoints", help="Newest checkpoints kept (2).")] = None,
     stats_samples: Annotated[int | None, typer.Option("--stats-samples", help="Training samples the final router statistics use (64).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    allow_pickle: AllowPickleOpt = False,
+    allow_outside_images: AllowOutsideImagesOpt = False,
 ) -> None:
     """Train the routers fully and the language model with LoRA; save both as the checkpoint's sidecar."""
     from accelerate.state import PartialState
@@ -90,7 +92,8 @@ def finetune_cmd(
         changes["max_grad_norm"] = max_grad_norm if max_grad_norm > 0 else None
     settings = base.replace(**changes)
     summary = finetune(checkpoint, data, image_folder, out=out, settings=settings, run_dir=run_dir, resume=resume,
-                       overwrite=overwrite, val_data=val_data, val_image_folder=val_image_folder)
+                       overwrite=overwrite, val_data=val_data, val_image_folder=val_image_folder,
+                       allow_pickle=allow_pickle, allow_outside_images=allow_outside_images)
     if not PartialState().is_main_process:
         return
     if summary["skipped_rows"]:

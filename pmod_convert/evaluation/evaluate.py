@@ -50,24 +50,33 @@ def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
              model: nn.Module | None = None, out: str | Path | None = None, batch_size: int = 8,
              max_new_tokens: int = 16, limit: int | None = None, skip_bad_rows: bool = False,
              overwrite: bool = False, progress: bool = True, device: str | None = None,
-             dtype: str | None = None) -> EvalSummary:
+             dtype: str | None = None, allow_pickle: bool = False,
+             allow_outside_images: bool = False) -> EvalSummary:
     """Answer the last question of every sample greedily and score it against the sample's last answer.
 
     ``model``: an already loaded model for ``checkpoint`` (skips loading). ``out``: a folder that receives
     ``predictions.jsonl`` and ``summary.json`` (written atomically). ``device``: cpu / cuda (default: cuda
-    when available); ``dtype``: float32 / float16 / bfloat16 (default: the checkpoint's).
+    when available); ``dtype``: float32 / float16 / bfloat16 (default: the checkpoint's). ``allow_pickle``:
+    accept ``pytorch_model.bin`` / ``adapter_model.bin`` weights (safetensors only by default);
+    ``allow_outside_images``: accept image paths that lead outside ``image_folder`` (refused by default).
+
+    Raises:
+        RecipeError: invalid options, or ``out`` exists without ``overwrite``.
+        DataError: unusable data (an image outside ``image_folder`` included), or no sample could be evaluated.
+        CheckpointError / UnsupportedArchitecture: as :func:`pmod_convert.load_any`.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise RecipeError("batch_size and max_new_tokens must be >= 1")
     if out is not None and Path(out).exists() and not overwrite:
         raise RecipeError(f"{out} already exists; choose another --out or pass --overwrite")
     run_device = resolve_device(device) if model is None else next(model.parameters()).device
-    dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows, limit=limit)
+    dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows, limit=limit,
+                           allow_outside_images=allow_outside_images)
     encoder = SampleEncoder.from_pretrained(checkpoint)
     if model is None:
         from ..api import load_any
 
-        model = load_any(checkpoint, dtype=dtype, device=run_device)
+        model = load_any(checkpoint, dtype=dtype, device=run_device, allow_pickle=allow_pickle)
     model.eval()
     skipped = dataset.skipped
     start = time.perf_counter()

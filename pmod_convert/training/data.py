@@ -82,9 +82,13 @@ def split_validation(data: TrainingData, settings: FinetuneSettings) -> tuple[Tr
 
 
 def load_training_data(data: str | Path, image_folder: str | Path | None, checkpoint: str | Path,
-                       settings: FinetuneSettings, *, show_progress: bool = True) -> TrainingData:
-    """Read the rows and encode every sample once, so bad rows fail (or are skipped) before training starts."""
-    dataset = read_samples(data, image_folder, skip_bad_rows=settings.skip_bad_rows)
+                       settings: FinetuneSettings, *, show_progress: bool = True,
+                       allow_outside_images: bool = False) -> TrainingData:
+    """Read the rows and encode every sample once, so bad rows fail (or are skipped) before training starts.
+
+    Image paths must stay inside ``image_folder`` unless ``allow_outside_images``."""
+    dataset = read_samples(data, image_folder, skip_bad_rows=settings.skip_bad_rows,
+                           allow_outside_images=allow_outside_images)
     encoder = SampleEncoder.from_pretrained(checkpoint)
     kept: list[Sample] = []
     lengths, answers, reasons = [], [], list(dataset.skipped_reasons)

@@ -19,7 +19,7 @@ import torch
 
 from ..adapters import get_adapter
 from ..api import check_trainable
-from ..checkpoint import atomic_folder, check_replaceable, copy_checkpoint_tree, read_config
+from ..checkpoint import atomic_folder, check_replaceable, copy_checkpoint_tree, read_config, require_safetensors
 from ..errors import CheckpointError, RecipeError
 from ..sidecar import SIDECAR_DIR, has_sidecar, save_sidecar
 from .checkpoints import list_checkpoints
@@ -44,7 +44,8 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
              out: str | Path | None = None, settings: FinetuneSettings | None = None,
              run_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
              val_data: str | Path | None = None, val_image_folder: str | Path | None = None,
-             callbacks: Sequence[Callable[[dict, Any], None]] = (), show_progress: bool = True) -> dict[str, Any]:
+             callbacks: Sequence[Callable[[dict, Any], None]] = (), show_progress: bool = True,
+             allow_pickle: bool = False, allow_outside_images: bool = False) -> dict[str, Any]:
     """Finetune a pmod checkpoint on LLaVA-style conversations; returns the run summary.
 
     The objective is distillation from the dense model by default (``settings.loss``); the model is validated
@@ -61,6 +62,9 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     run_dir:      resumable checkpoints + live log (default ``<out or checkpoint>-finetune-run``).
     resume:       continue from the newest checkpoint in ``run_dir`` (same settings and data required).
     overwrite:    replace an existing sidecar / ``out`` / earlier run's checkpoints.
+    allow_pickle: accept ``pytorch_model.bin`` weights (safetensors only by default); ``allow_outside_images``:
+                  accept image paths of ``data`` / ``val_data`` that lead outside their image folder (refused by
+                  default). Neither changes the trained weights, so neither is part of ``settings`` (nor of resume).
     callbacks:    ``callback(record, model)`` after each optimizer step (and its checkpoint) on every process:
                   the step's log record and the model being trained (peft-wrapped, outside DDP).
     Works unchanged under ``accelerate launch`` (every process calls it; the main one writes the outputs).
@@ -71,6 +75,7 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     settings = (settings or FinetuneSettings()).validate()
     checkpoint = Path(checkpoint)
     check_trainable(checkpoint)  # reads config.json; refuses a fastv / pdrop baseline
+    require_safetensors(checkpoint, allow_pickle)  # before any data is read or encoded
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.resolve() == checkpoint.resolve():
         out_path = None
@@ -83,15 +88,17 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     accelerator = _accelerator(settings.mixed_precision)
     main = accelerator.is_main_process
     set_seed(settings.seed)
-    dataset = load_training_data(data, image_folder, checkpoint, settings, show_progress=show_progress and main)
+    dataset = load_training_data(data, image_folder, checkpoint, settings, show_progress=show_progress and main,
+                                 allow_outside_images=allow_outside_images)
     if val_data is not None:
         val_settings = settings.replace(limit=settings.val_max, max_length=None)
         held = load_training_data(val_data, val_image_folder if val_image_folder is not None else image_folder,
-                                  checkpoint, val_settings, show_progress=False)
+                                  checkpoint, val_settings, show_progress=False,
+                                  allow_outside_images=allow_outside_images)
         val_how = f"{len(held)} rows of {val_data}"
     else:
         dataset, held, val_how = split_validation(dataset, settings)
-    model = load_base(checkpoint, settings, device=accelerator.device)
+    model = load_base(checkpoint, settings, device=accelerator.device, allow_pickle=allow_pickle)
     model = prepare_for_training(model, settings)
     params = count_parameters(model)
     vision_ids = sorted(dataset.encoder.vision_ids)

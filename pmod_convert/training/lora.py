@@ -18,14 +18,16 @@ from .routing import routers, tie_routers
 from .settings import FinetuneSettings
 
 
-def load_base(checkpoint: Any, settings: FinetuneSettings, device: torch.device | str = "cpu") -> nn.Module:
+def load_base(checkpoint: Any, settings: FinetuneSettings, device: torch.device | str = "cpu", *,
+              allow_pickle: bool = False) -> nn.Module:
     """The MoD model of a pmod checkpoint with its base routers, ignoring any finetune sidecar.
 
     ``--qlora``: the language model's linears are quantized to 4-bit nf4 by bitsandbytes while loading
-    (vision tower, projector, lm_head and routers stay in ``dtype``), on ``device``.
+    (vision tower, projector, lm_head and routers stay in ``dtype``), on ``device``. ``allow_pickle``: accept
+    ``pytorch_model.bin`` weights (safetensors only by default).
     """
     if not settings.qlora:
-        return load_pretrained(checkpoint, dtype=settings.dtype, adapter=False)
+        return load_pretrained(checkpoint, dtype=settings.dtype, adapter=False, allow_pickle=allow_pickle)
     from transformers import BitsAndBytesConfig
 
     config = read_config(checkpoint)
@@ -35,7 +37,7 @@ def load_base(checkpoint: Any, settings: FinetuneSettings, device: torch.device 
                                llm_int8_skip_modules=_kept_unquantized(checkpoint, adapter))
     try:
         return load_pretrained(checkpoint, dtype=compute, adapter=False, quantization_config=quant,
-                               device_map={"": torch.device(device)})
+                               device_map={"": torch.device(device)}, allow_pickle=allow_pickle)
     except ImportError as exc:
         raise RecipeError(f"--qlora needs bitsandbytes ({str(exc).splitlines()[0]})") from None
 
