@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vlm_zoo  # noqa: E402
 
+MIN_GAIN = 0.3  # a model is published only when its dense test accuracy beats blind by this much (fraction)
+
 
 def verify(meta: dict, batch_size: int = 32) -> dict:
     """Dense test accuracy (fraction) of ``meta['checkpoint']`` through ``pmod_convert.evaluate``."""
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     ready = Path(args.ready_file)
     for task in args.tasks:
         meta = vlm_zoo.build(task, args.seed, args.cache_dir)
+        if meta["dense_accuracy"] < meta["blind_accuracy"] + MIN_GAIN:
+            print(f"[ready] {task} seed {args.seed}: NOT published, dense {meta['dense_accuracy']:.3f} is within "
+                  f"{MIN_GAIN} of blind {meta['blind_accuracy']:.3f} ({meta['checkpoint']})", flush=True)
+            continue
         meta.update(verify(meta))
         keep = ("task", "seed", "architecture", "parameters", "checkpoint", "train", "val", "test", "calib",
                 "image_folder", "dense_accuracy", "dense_accuracy_by_kind", "pmod_eval_accuracy", "blind_accuracy",
