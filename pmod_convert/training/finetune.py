@@ -26,7 +26,14 @@ from .checkpoints import list_checkpoints
 from .data import load_training_data, split_validation
 from .distill import Teacher
 from .loop import LOG_FILE, VALIDATION_LOG, TrainingLoop, check_resumable, load_best
-from .lora import count_parameters, load_base, load_trainable_state, lora_targets, prepare_for_training
+from .lora import (
+    count_parameters,
+    load_base,
+    load_trainable_state,
+    lora_targets,
+    prepare_for_training,
+    text_hidden_size,
+)
 from .report import plot_run, router_statistics
 from .routing import routers, untie_routers
 from .settings import FinetuneSettings
@@ -108,7 +115,6 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     if main:
         validator = Validator(held, Teacher(model, vision_ids), accelerator.device, batch_size=8,
                               max_new_tokens=settings.val_max_new_tokens, source=val_how)
-    if main:
         run_path.mkdir(parents=True, exist_ok=True)
         if not resume:  # only the training checkpoints an earlier run wrote (step-N folders with state.json)
             for folder in list_checkpoints(run_path):
@@ -137,6 +143,7 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
         summary = _summary(result, dataset, settings, params, layers, accelerator.num_processes, checkpoint,
                            target, run_path, wall)
         summary["grad_accum"] = result.grad_accum
+        summary["learning_rates"] = dict(zip(("lora", "routers"), settings.learning_rates(text_hidden_size(bare))))
         summary["effective_batch_size"] = result.grad_accum * settings.batch_size * accelerator.num_processes
         summary["validation"] = _validation_summary(result, validator, val_how, kept)
         if settings.shared_router:

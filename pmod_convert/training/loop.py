@@ -152,7 +152,7 @@ def build_optimizer(model: nn.Module, settings: FinetuneSettings, total_steps: i
 
     groups = parameter_groups(model, settings)
     names = [g.pop("name") for g in groups]
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)  # every group sets its own lr
     warmup = math.ceil(settings.warmup_ratio * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     return optimizer, scheduler, names

@@ -123,7 +123,9 @@ def _add_lora(model: nn.Module, settings: FinetuneSettings, adapter: Architectur
 
 
 def parameter_groups(model: nn.Module, settings: FinetuneSettings) -> list[dict]:
-    """AdamW groups: LoRA/projector weights (lr, weight decay) and routers (router_lr, no decay)."""
+    """AdamW groups: LoRA/projector weights (lr, weight decay) and routers (router_lr, no decay); the default
+    learning rates are sized from the language model's hidden size (``FinetuneSettings.learning_rates``)."""
+    lora_lr, router_lr = settings.learning_rates(text_hidden_size(model))
     router_params, other = [], []
     seen: set[int] = set()
     for name, param in model.named_parameters():
@@ -133,13 +135,22 @@ def parameter_groups(model: nn.Module, settings: FinetuneSettings) -> list[dict]
         (router_params if router_key(name) is not None else other).append(param)
     groups = []
     if other:
-        groups.append({"params": other, "lr": settings.lr, "weight_decay": settings.weight_decay, "name": "lora"})
+        groups.append({"params": other, "lr": lora_lr, "weight_decay": settings.weight_decay, "name": "lora"})
     if router_params:
-        groups.append({"params": router_params, "lr": settings.effective_router_lr, "weight_decay": 0.0,
+        groups.append({"params": router_params, "lr": router_lr, "weight_decay": 0.0,
                        "name": "routers"})
     if not groups:
         raise RecipeError("nothing to train: the model has no MoD routers and no LoRA adapter")
     return groups
+
+
+def text_hidden_size(model: nn.Module) -> int:
+    """Hidden size of the language model (``text_config.hidden_size``, or the config's own)."""
+    from .routing import bare_model
+
+    config = bare_model(model).config
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "hidden_size", None) or config.hidden_size)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
