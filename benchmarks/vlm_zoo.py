@@ -31,11 +31,10 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
