@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import sys
@@ -131,7 +132,11 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
 
         _log(f"{meta['task']} seed {meta['seed']}: finetune at {tag} FLOPs (default settings, "
              f"{'small' if small else f'<= {FINETUNE_ROWS} rows'}), eval")
-        r = _cached(work / f"finetuned-{tag}.json", do_finetune)
+        # keyed by the settings: when the library's defaults change, the finetune runs again
+        settings_key = hashlib.sha256(json.dumps(pmod_convert.FinetuneSettings().to_dict(), sort_keys=True,
+                                                 default=str).encode()).hexdigest()[:8]
+        r = _cached(work / f"finetuned-{tag}-{settings_key}{'-' + str(finetune_steps) if finetune_steps else ''}.json",
+                    do_finetune)
         rows.append({**base, "variant": "finetuned", "budget": budget, **r})
         _log(f"    finetuned accuracy {r.get('accuracy')}")
     return rows
