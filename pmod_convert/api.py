@@ -56,9 +56,10 @@ def add_routers(model: nn.Module, recipe: Recipe | None = None) -> nn.Module:
 
 
 def _routing_root(model: nn.Module, adapter: ArchitectureAdapter) -> nn.Module:
-    # The multimodal base model (``model.model``) receives input_ids via __call__ even under peft,
-    # whose tuner calls the top model's ``forward`` directly (hooks on the top model would not fire).
-    return getattr(model, adapter.layers_path.split(".")[0])
+    # The multimodal base model (``model.model``, or the model itself for a base class such as LlavaModel)
+    # receives input_ids via __call__ even under peft, whose tuner calls the top model's ``forward`` directly
+    # (hooks on the top model would not fire).
+    return adapter.base_model(model)
 
 
 def _apply(model: nn.Module, adapter: ArchitectureAdapter, ratios: list[float | None], router: RouterSettings,

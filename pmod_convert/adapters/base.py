@@ -19,7 +19,8 @@ class ArchitectureAdapter:
     family:            short name used in recipes, errors and the ``pmod`` config section.
     model_types:       ``config.model_type`` values this adapter handles.
     model_class:       name of the transformers ``*ForConditionalGeneration`` class.
-    layers_path:       dotted path from the top model to the text decoder ``nn.ModuleList``.
+    layers_path:       dotted path from the top model to the text decoder ``nn.ModuleList``; its first part is
+                       the multimodal base model (``model``), absent when the model is the base class.
     text_config_attr:  attribute of the top config holding the text (decoder) config.
     vision_token_attrs: config attributes whose values are the vision placeholder token ids.
     lora_target_regex: peft ``target_modules`` regex matching the language model's linears only.
@@ -42,11 +43,25 @@ class ArchitectureAdapter:
     tiny_config: Callable[..., Any] | None = field(default=None, compare=False)
     dummy_inputs: Callable[..., dict[str, torch.Tensor]] | None = field(default=None, compare=False)
 
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The multimodal base model: ``model.model`` of the ``*ForConditionalGeneration`` class (peft wrappers
+        allowed), or ``model`` itself when it is the base class (``LlavaModel``, ``Qwen2VLModel``, ...).
+
+        Raises ``UnsupportedArchitecture`` (one line) when neither holds the decoder layers.
+        """
+        top: Any = unwrap(model)
+        head, _, rest = self.layers_path.partition(".")
+        child = getattr(top, head, None)
+        if isinstance(child, nn.Module) and _resolve(child, rest) is not None:
+            return child
+        if _resolve(top, rest) is not None:  # the base class: no LM head, the layer path starts one level down
+            return top
+        raise UnsupportedArchitecture(
+            f"{type(top).__name__} has no text decoder layers at {self.layers_path} (or {rest}); "
+            f"load the model with transformers.{self.model_class}")
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        obj: Any = unwrap(model)
-        for part in self.layers_path.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _resolve(self.base_model(model), self.layers_path.partition(".")[2])
 
     def text_config(self, config: Any) -> Any:
         return getattr(config, self.text_config_attr)
@@ -67,6 +82,14 @@ class ArchitectureAdapter:
         import transformers
 
         return getattr(transformers, self.model_class)
+
+
+def _resolve(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def unwrap(model: nn.Module) -> nn.Module:

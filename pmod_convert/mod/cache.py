@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import PmodError
 
@@ -15,19 +15,36 @@ class MoDCacheLayer(DynamicLayer):
     entry ``j`` of row ``b``, or -1 for padding (rows keep different numbers of tokens).
     ``get_seq_length()`` and ``get_mask_sizes()`` report the LOGICAL length, because position ids
     and masks for the whole model are built from one layer's cache (layer 0 may be an MoD layer).
+
+    ``sliding_window`` (set when it replaces a ``DynamicSlidingWindowLayer``): the layer attends to the
+    last ``sliding_window`` logical positions. ``get_mask_sizes`` then answers exactly as a
+    ``DynamicSlidingWindowLayer`` with the same logical length would (the model builds one mask for all its
+    sliding layers, MoD or not), and entries that no later query can see (slot <= length - window) are
+    dropped after each update.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, sliding_window: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.sliding_window = None if sliding_window is None else int(sliding_window)
+        self.record_past = False  # sliding layers: keep old entries until the next crop (assisted decoding)
         self.slots: torch.Tensor | None = None
         self.logical_length = 0
         self.compressed = False  # True once physical entries stop mapping 1:1 to logical slots
         self._pending: tuple[torch.Tensor, int] | None = None
 
+    @property
+    def is_sliding(self) -> bool:
+        return self.sliding_window is not None
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+
     @classmethod
     def from_dynamic(cls, layer: DynamicLayer) -> "MoDCacheLayer":
-        new = cls()
+        new = cls(sliding_window=getattr(layer, "sliding_window", None))
         if layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0:
+            # a sliding layer may already have dropped its oldest entries: its last entry is position length - 1
+            new.logical_length = int(getattr(layer, "cumulative_length", 0) or layer.keys.shape[-2]) - layer.keys.shape[-2]
             new.update(layer.keys, layer.values)
         return new
 
@@ -46,18 +63,37 @@ class MoDCacheLayer(DynamicLayer):
         self.slots = slots if self.slots is None else torch.cat([self.slots, slots.to(self.slots.device)], dim=1)
         self.logical_length += query_length
         self.compressed = self.compressed or compressed
-        return keys, values
+        self._drop_outside_window()
+        return keys, values  # every key this call attends to (as DynamicSlidingWindowLayer returns)
+
+    def _drop_outside_window(self) -> None:
+        """Sliding layers: forget entries at slots <= logical_length - window (no later query sees them)."""
+        if self.sliding_window is None or self.slots is None or self.record_past:
+            return
+        stale = self.slots <= self.logical_length - self.sliding_window
+        if not bool(stale.any()):
+            return
+        slots = self.slots.masked_fill(stale, -1)
+        # entries are stored in slot order per row: drop the leading columns stale in every row
+        drop = int((slots < 0).all(0).long().cumprod(0).sum())
+        self.keys, self.values, self.slots = self.keys[..., drop:, :], self.values[..., drop:, :], slots[:, drop:]
+        self.compressed = True
 
     def skip(self, query_length: int) -> None:
         """Advance the logical length by ``query_length`` tokens of which none was kept (no entry stored)."""
         self._pending = None
         self.logical_length += query_length
         self.compressed = True
+        self._drop_outside_window()
 
     def get_seq_length(self) -> int:
         return self.logical_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.sliding_window is not None:  # as DynamicSlidingWindowLayer at this logical length
+            window, length = self.sliding_window, self.logical_length
+            kv_length = (window - 1 if length >= window else length) + query_length
+            return kv_length, max(length - window + 1, 0)
         return self.logical_length + query_length, 0
 
     def physical_length(self) -> int:
@@ -91,15 +127,22 @@ class MoDCacheLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("MoDCacheLayer.crop takes a negative number of tokens to remove")
-        if tokens_to_remove == 0 or self.slots is None:
-            return
-        new_length = max(self.logical_length + tokens_to_remove, 0)
-        slots = self.slots.masked_fill(self.slots >= new_length, -1)
-        valid_cols = (slots >= 0).any(0).nonzero()
-        keep = int(valid_cols.max()) + 1 if valid_cols.numel() else 0
-        self.keys, self.values, self.slots = self.keys[..., :keep, :], self.values[..., :keep, :], slots[:, :keep]
-        self.logical_length = new_length
-        self.compressed = True
+        if (self.sliding_window is not None and not self.record_past and self.logical_length >= self.sliding_window
+                and tokens_to_remove < 0):
+            raise RuntimeError("crop on a sliding-window MoD cache layer past its window needs activate_past_recording() "
+                               "first (entries that become visible again were dropped)")
+        if tokens_to_remove < 0 and self.slots is not None:
+            new_length = max(self.logical_length + tokens_to_remove, 0)
+            slots = self.slots.masked_fill(self.slots >= new_length, -1)
+            valid_cols = (slots >= 0).any(0).nonzero()
+            keep = int(valid_cols.max()) + 1 if valid_cols.numel() else 0
+            self.keys, self.values, self.slots = self.keys[..., :keep, :], self.values[..., :keep, :], slots[:, :keep]
+            self.logical_length = new_length
+            self.compressed = True
+        # a sliding layer recording its past is trimmed back to its window here, as DynamicSlidingWindowLayer
+        self.record_past, record_past = False, self.record_past
+        self._drop_outside_window()
+        self.record_past = record_past
 
 
 def mod_cache_layer(cache: Cache | None, layer_idx: int) -> MoDCacheLayer | None:
@@ -116,10 +159,10 @@ def mod_cache_layer(cache: Cache | None, layer_idx: int) -> MoDCacheLayer | None
     current = layers[layer_idx]
     if isinstance(current, MoDCacheLayer):
         return current
-    if type(current) is not DynamicLayer:
+    if type(current) not in (DynamicLayer, DynamicSlidingWindowLayer):
         raise PmodError(
             f"MoD layers work with DynamicCache only (layer {layer_idx} has a {type(current).__name__}); "
-            "use the default cache (no cache_implementation='static'/'sliding_window'/'quantized')"
+            "use the default cache (no cache_implementation='static'/'quantized')"
         )
     layers[layer_idx] = MoDCacheLayer.from_dynamic(current)
     return layers[layer_idx]

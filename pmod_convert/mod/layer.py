@@ -35,6 +35,11 @@ class MoDLayerMixin:
     _pmod_mlp_out: torch.Tensor | None
     _pmod_capturing: bool
     pmod_last_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # (targets, kept targets) per row
+    # Positions (in the last forward call's tokens) of the tokens this layer ran on, [batch, kept], -1 padded:
+    # row j of the layer's attention map (output_attentions=True) is token pmod_last_kept[b, j].
+    pmod_last_kept: torch.Tensor | None = None
+    # Logical positions of the keys of that attention map, [batch, keys], -1 padded (cached entries first).
+    pmod_last_key_positions: torch.Tensor | None = None
 
     def _pmod_capture_mlp(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self._pmod_capturing:
@@ -72,9 +77,11 @@ class MoDLayerMixin:
             keep = torch.ones(batch, seq, dtype=torch.bool, device=hidden_states.device)
             self.pmod_last_counts = None
         gather = Gather.from_keep(keep)
+        self.pmod_last_kept = torch.where(gather.valid, gather.index, torch.full_like(gather.index, -1))
         if targets is not None and gather.index.shape[1] == 0:
             # Every token of every row is a skipped target (e.g. a 1-token step keeping floor(ratio * 1) = 0):
             # the layer is not run at all; the cache advances its logical length with no entry.
+            self.pmod_last_key_positions = self.pmod_last_kept
             if cache_layer is not None:
                 cache_layer.skip(seq)
             if weights is None:
@@ -84,10 +91,14 @@ class MoDLayerMixin:
         call_kwargs = dict(kwargs, use_cache=use_cache)
         if cache is not None:
             call_kwargs["cache"] = cache
-        if gather.is_identity and not past_compressed:
+        # A sliding-window layer's mask starts at logical position key_offset (it covers only the window).
+        key_offset = past + seq - attention_mask.shape[-1] if attention_mask is not None else 0
+        if gather.is_identity and not past_compressed and key_offset == 0:
             # Nothing to cut: the layer sees exactly what the dense layer sees.
             sub_hidden, sub_mask, sub_pos, sub_pe = hidden_states, attention_mask, position_ids, position_embeddings
             new_slots = None
+            self.pmod_last_key_positions = (torch.arange(past + seq, device=hidden_states.device)
+                                            .expand(batch, past + seq))
         else:
             sub_hidden = gather.take(hidden_states, 1)
             sub_pos = gather.take(position_ids, -1)
@@ -100,7 +111,9 @@ class MoDLayerMixin:
             mask_dtype = attention_mask.dtype if attention_mask is not None else (
                 torch.bool if inner_attention_name(self.self_attn) == "sdpa" else hidden_states.dtype
             )
-            sub_mask = kept_attention_mask(attention_mask, gather.index, gather.valid, query_slots, key_slots, mask_dtype)
+            sub_mask = kept_attention_mask(attention_mask, gather.index, gather.valid, query_slots, key_slots, mask_dtype,
+                                           key_offset=max(key_offset, 0))
+            self.pmod_last_key_positions = key_slots
         if cache_layer is not None:
             if new_slots is None:
                 new_slots = (torch.arange(seq, device=hidden_states.device) + past).expand(batch, seq)

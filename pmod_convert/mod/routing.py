@@ -95,12 +95,15 @@ def kept_attention_mask(
     query_slots: torch.Tensor,
     key_slots: torch.Tensor,
     dtype: torch.dtype,
+    key_offset: int = 0,
 ) -> torch.Tensor:
     """The model's own 4-D mask cut to kept queries (rows) and cached/kept keys (columns).
 
     ``mask`` is what the decoder layer received: a bool (sdpa) or additive float (eager) tensor of
     shape ``[b, 1, q, kv]`` with ``kv`` logical positions, or None (plain causal, no padding).
     ``key_slots`` ``[batch, keys]`` are logical positions of the physical keys, -1 for padding entries.
+    ``key_offset``: the logical position of the mask's first column (a sliding-window layer's mask covers only
+    its window, as transformers sizes it from the cache); keys before it are outside every query's window.
     Padding query rows attend to everything: finite garbage that is discarded, never NaN.
     """
     batch, n_keys = key_slots.shape
@@ -113,6 +116,9 @@ def kept_attention_mask(
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
         )
+    if key_offset:
+        key_ok = key_ok & (key_slots >= key_offset)
+        key_slots = torch.where(key_ok, key_slots - key_offset, torch.full_like(key_slots, -1))
     if int(key_slots.max()) >= mask.shape[-1]:
         raise RuntimeError(
             f"attention mask covers {mask.shape[-1]} positions but the MoD cache holds position {int(key_slots.max())}"
