@@ -203,3 +203,15 @@ def test_text_query_attention_equals_the_eager_weights(ws, padding_side):
     assert sorted(sdpa.received) == sorted(eager.received) == MOD_LAYERS
     for layer in MOD_LAYERS:
         torch.testing.assert_close(sdpa.received[layer], eager.received[layer], atol=1e-5, rtol=1e-4)
+
+
+def test_a_non_finite_loss_stops_training_before_the_weights_are_touched(ws, tmp_path):
+    from pmod_convert.errors import RecipeError
+
+    settings = FinetuneSettings(lr=1e30, router_lr=1e30, max_steps=6, warmup_ratio=0.0, max_grad_norm=None,
+                                save_steps=2, stats_samples=2, loss="ce", router_rank_coef=0.0)
+    with pytest.raises(RecipeError, match=r"training stopped at step 2: the (loss|gradient norm) is not finite.*"
+                                          r"no output was written and no resumable checkpoint"):
+        finetune(ws / "mod", ws / "train.json", ws / "images", out=tmp_path / "ft", settings=settings,
+                 show_progress=False)
+    assert not (tmp_path / "ft").exists()  # no output written

@@ -157,14 +157,14 @@ def test_killed_and_resumed_run_matches_uninterrupted(workspace, tmp_path):
     data = (workspace / "mod", workspace / "train.json", workspace / "images")
     finetune(*data, out=tmp_path / "a", settings=settings, show_progress=False)
 
-    def kill_after_step_5(record, model):
-        if record["step"] == 5:
+    def kill_after_step_3(record, model):  # mid-epoch: 4 steps per epoch, the checkpoint at step 2
+        if record["step"] == 3:
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        finetune(*data, out=tmp_path / "b", settings=settings, callbacks=[kill_after_step_5], show_progress=False)
+        finetune(*data, out=tmp_path / "b", settings=settings, callbacks=[kill_after_step_3], show_progress=False)
     run_dir = tmp_path / "b-finetune-run"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002"]
     assert not (tmp_path / "b").exists()  # nothing half-written
 
     with pytest.raises(PmodError, match="pass --resume"):  # a fresh start must not silently discard the run
@@ -173,7 +173,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(workspace, tmp_path):
         finetune(*data, out=tmp_path / "b", settings=settings.replace(lr=1e-3), resume=True, show_progress=False)
 
     summary = finetune(*data, out=tmp_path / "b", settings=settings, resume=True, show_progress=False)
-    assert summary["resumed_from_step"] == 4 and summary["steps"] == 7
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 7
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert sorted(a) == sorted(b)
     for name in a:
@@ -181,6 +181,12 @@ def test_killed_and_resumed_run_matches_uninterrupted(workspace, tmp_path):
     log_a = (tmp_path / "a" / REPORT_DIR / "log.jsonl").read_text().splitlines()
     log_b = (tmp_path / "b" / REPORT_DIR / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in log_a] == [json.loads(x)["loss"] for x in log_b]
+    val_a = json.loads((tmp_path / "a" / REPORT_DIR / "summary.json").read_text())["validation"]
+    val_b = json.loads((tmp_path / "b" / REPORT_DIR / "summary.json").read_text())["validation"]
+    def curve(v):  # everything but the seconds each validation took
+        return [{k: x for k, x in r.items() if k != "seconds"} for r in v["curve"]]
+
+    assert val_a["kept"] == val_b["kept"] and curve(val_a) == curve(val_b) and len(curve(val_a)) == 4
 
 
 def test_two_process_accelerate_launch_matches_one_process(workspace, tmp_path):

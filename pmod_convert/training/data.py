@@ -188,7 +188,11 @@ def iterate_windows(data: TrainingData, plan: BatchPlan, start_step: int, total_
         last = min(total_steps, (epoch + 1) * plan.steps_per_epoch)  # steps of this epoch still to run
         windows = [plan.window(s)[1] for s in range(step, last)]
         batches = [plan.micro_batch(order, m, rank) for w in windows for m in w]
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers)
+        # Its own generator: iter(DataLoader) draws a worker base seed, which from the global RNG would shift
+        # every later random number (LoRA dropout) of a run resumed mid-epoch against an uninterrupted one.
+        seed = torch.Generator().manual_seed(plan.seed * 1_000_003 + epoch * 7_919)
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers,
+                            generator=seed)
         it = iter(loader)
         for w in windows:
             yield step, epoch, [next(it) for _ in w]

@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -305,6 +306,9 @@ class TrainingLoop:
         if ckpt is None:
             self.validate(0)  # the input model: what the finetune must beat
         if ckpt is not None:
+            saved_best = list_checkpoints(self.run_dir)[-1] / BEST_FILE
+            if acc.is_main_process and saved_best.is_file():  # a killed run may have found a later best
+                shutil.copyfile(saved_best, self.run_dir / BEST_FILE)
             set_rng_state(ckpt["rng"])
         checks = eval_schedule(self.total_steps, settings.eval_steps)
 
@@ -338,14 +342,16 @@ class TrainingLoop:
                                        taps=tap, text_routing=text_routing, accelerator=acc, anchor=anchor,
                                        teacher=self.teacher, vision_ids=self.vision_ids)
                 grad_norm = float(acc.clip_grad_norm_(self.trainable, settings.max_grad_norm or float("inf")))
+                totals = acc.reduce(torch.tensor([res.lm_sum, res.aux_sum, res.aux_count, res.input_tokens,
+                                                  res.kl_sum, res.rank_sum, res.rank_count],
+                                                 dtype=torch.float64, device=acc.device), reduction="sum").tolist()
+                if not all(math.isfinite(v) for v in (*totals, grad_norm)):
+                    self._stop_non_finite(step + 1, totals, grad_norm)
                 lrs = [g["lr"] for g in self.optimizer.param_groups]
                 self.optimizer.step()
                 if not acc.optimizer_step_was_skipped:
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                totals = acc.reduce(torch.tensor([res.lm_sum, res.aux_sum, res.aux_count, res.input_tokens,
-                                                  res.kl_sum, res.rank_sum, res.rank_count],
-                                                 dtype=torch.float64, device=acc.device), reduction="sum").tolist()
                 seconds = time.perf_counter() - t0
                 train_seconds += seconds
                 tokens_seen += int(totals[3])
@@ -382,6 +388,16 @@ class TrainingLoop:
                           resumed_from=start if ckpt is not None else None, validations=self.validations,
                           best=self.best, grad_accum=self.grad_accum)
 
+    def _stop_non_finite(self, step: int, totals: list[float], grad_norm: float) -> None:
+        """Raise before a non-finite update reaches the weights (every process sees the same reduced totals)."""
+        found = list_checkpoints(self.run_dir)
+        where = (f"the last resumable checkpoint is {found[-1]}" if found else
+                 "no resumable checkpoint was written yet")
+        what = "gradient norm" if all(math.isfinite(v) for v in totals) else "loss"
+        raise RecipeError(f"training stopped at step {step}: the {what} is not finite "
+                          f"(loss sums {totals[0]:.4g} CE / {totals[4]:.4g} KL, gradient norm {grad_norm:.4g}); "
+                          f"no output was written and {where}; lower --lr / --router-lr or check the data")
+
     def _save(self, step: int, epoch: int, train_seconds: float, tokens_seen: int) -> None:
         acc = self.accelerator
         state = {
@@ -391,6 +407,12 @@ class TrainingLoop:
             "num_samples": len(self.data), "num_processes": acc.num_processes,
             "train_seconds": train_seconds, "input_tokens": tokens_seen,
         }
-        save_checkpoint(acc, self.run_dir, step, trainable=trainable_state(self.model) if acc.is_main_process else {},
-                        optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                        keep=self.settings.keep_checkpoints)
+        final = save_checkpoint(acc, self.run_dir, step,
+                                trainable=trainable_state(self.model) if acc.is_main_process else {},
+                                optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+                                keep=self.settings.keep_checkpoints)
+        best = self.run_dir / BEST_FILE
+        if acc.is_main_process and best.is_file():  # the best state as of this step, for --resume
+            shutil.copyfile(best, final / (BEST_FILE + ".tmp"))
+            os.replace(final / (BEST_FILE + ".tmp"), final / BEST_FILE)
+        acc.wait_for_everyone()
