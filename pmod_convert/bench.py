@@ -490,18 +490,31 @@ def _ratio(mod: float | None, dense: float | None) -> float | None:
     return float(mod) / float(dense)
 
 
+# Upper bounds of a benchmark workload: far above real use, far below what would exhaust memory.
+MAX_PROMPT_TOKENS = 1 << 20
+MAX_NEW_TOKENS = 1 << 16
+MAX_BATCH = 4096
+MAX_RUNS = 10_000
+
+
 def check_workload(*, batch_size: int, vision_tokens: int | None, text_tokens: int, new_tokens: int,
                    warmup: int, repeats: int) -> None:
     """One-line errors for impossible benchmark settings (before any model is loaded)."""
-    checks = [("batch size", batch_size, 1), ("text tokens", text_tokens, 0), ("new tokens", new_tokens, 0),
-              ("warm-up runs", warmup, 0), ("repeats", repeats, 1)]
+    checks = [("batch size", batch_size, 1, MAX_BATCH), ("text tokens", text_tokens, 0, MAX_PROMPT_TOKENS),
+              ("new tokens", new_tokens, 0, MAX_NEW_TOKENS), ("warm-up runs", warmup, 0, MAX_RUNS),
+              ("repeats", repeats, 1, MAX_RUNS)]
     if vision_tokens is not None:
-        checks.append(("vision tokens", vision_tokens, 0))
-    for name, value, low in checks:
+        checks.append(("vision tokens", vision_tokens, 0, MAX_PROMPT_TOKENS))
+    for name, value, low, high in checks:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise BenchError(f"{name} must be an integer >= {low}, got {value!r}")
+        if value > high:
+            raise BenchError(f"{name} must be at most {high}, got {value}; nothing was allocated")
     if (vision_tokens or 0) + text_tokens == 0:
         raise BenchError("the prompt would be empty: ask for some vision or text tokens")
+    if (vision_tokens or 0) + text_tokens + new_tokens > MAX_PROMPT_TOKENS:
+        raise BenchError(f"a prompt of {(vision_tokens or 0) + text_tokens} tokens plus {new_tokens} new ones is longer "
+                         f"than {MAX_PROMPT_TOKENS} tokens; nothing was allocated")
 
 
 def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -17,6 +21,7 @@ from safetensors import safe_open
 
 from .errors import CheckpointError
 from .mod.router import ROUTER_NAME
+from .recipe import MAX_LAYERS
 
 log = logging.getLogger("pmod_convert")
 
@@ -46,7 +51,57 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{config_file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{config_file} must hold a JSON object")
+    check_config_numbers(data, config_file)
+    check_pmod_section(data, config_file)
     return data
+
+
+# Sizes a config may give (each an integer >= 1 up to the bound): far above any released model, far below what
+# would exhaust memory while the model is built. Checked on every config.json read, before any allocation.
+CONFIG_BOUNDS = {"num_hidden_layers": MAX_LAYERS, "hidden_size": 1 << 17, "intermediate_size": 1 << 20,
+                 "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 4096, "vocab_size": 1 << 24}
+
+
+def check_config_numbers(config: dict, where: str | Path = "config.json") -> None:
+    """Refuse a config whose model sizes (top level and ``*_config`` sections) are not integers in
+    ``1..CONFIG_BOUNDS[key]`` (``hidden_size: "big"``, 10^9 layers): a one-line ``CheckpointError``."""
+    sections = [("", config)] + [(f"{k}.", v) for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    for prefix, section in sections:
+        for key, bound in CONFIG_BOUNDS.items():
+            value = section.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CheckpointError(f"{where}: {prefix}{key} must be an integer, got {value!r}; the config is corrupt")
+            if not 1 <= value <= bound:
+                raise CheckpointError(f"{where}: {prefix}{key} is {value}, outside 1..{bound}; the config is corrupt "
+                                      "or not a model pmod-convert can build")
+
+
+def check_pmod_section(config: dict, where: str | Path = "config.json") -> None:
+    """Refuse a stored ``pmod`` section whose ``layer_ratios`` are not a list of retention ratios in (0, 1]
+    (or null for dense layers) or whose router ``tanh_alpha`` / ``tanh_beta`` are not finite numbers."""
+    pmod = config.get("pmod")
+    if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
+        return
+    ratios = pmod["layer_ratios"]
+    if not isinstance(ratios, list) or not 1 <= len(ratios) <= MAX_LAYERS:
+        raise CheckpointError(f"{where}: pmod.layer_ratios must be a list of 1..{MAX_LAYERS} entries, got "
+                              f"{str(ratios)[:60]}; the checkpoint is corrupt")
+    for i, r in enumerate(ratios):
+        if r is None:
+            continue
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and 0 < r <= 1):
+            raise CheckpointError(f"{where}: pmod.layer_ratios[{i}] is {r!r}, not a retention ratio in (0, 1] (or "
+                                  "null for a dense layer); the checkpoint is corrupt")
+    router = pmod.get("router") or {}
+    if not isinstance(router, dict):
+        raise CheckpointError(f"{where}: pmod.router must be a mapping; the checkpoint is corrupt")
+    for key in ("tanh_alpha", "tanh_beta"):
+        value = router.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(f"{where}: pmod.router.{key} is {value!r}, not a finite number; the checkpoint "
+                                  "is corrupt")
 
 
 def link_stays_inside(item: Path, root: Path) -> bool:
@@ -132,9 +187,10 @@ def check_replaceable(out: str | Path, protect: Iterable[str | Path] = ()) -> No
     Raises:
         CheckpointError: ``out`` is not a folder, is the current directory or one of its parents, is one of
             ``protect`` (the command's sources) or a folder holding one, or is a non-empty folder that this
-            toolkit did not write (see :func:`written_by_pmod`).
+            toolkit did not write (see :func:`written_by_pmod`), or its folder is read-only.
     """
     out = Path(out)
+    check_writable(out)  # commands call this before their expensive work
     if not out.exists() and not out.is_symlink():
         return
     if out.is_symlink() or not out.is_dir():
@@ -154,40 +210,212 @@ def check_replaceable(out: str | Path, protect: Iterable[str | Path] = ()) -> No
                               "remove the folder yourself")
 
 
+def check_writable(out: str | Path) -> None:
+    """Refuse, before any expensive work, an ``out`` whose folder (or nearest existing ancestor) cannot be written.
+
+    Raises:
+        CheckpointError: that folder is read-only for this process (or not a folder).
+    """
+    parent = Path(out).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {out}: {parent} is read-only for this user; choose another --out")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(folder: Path) -> None:
+    """Give ``folder`` and everything under it the modes a plain ``mkdir`` / ``open`` would under the umask
+    (``mkdtemp`` makes 0700 folders, some writers 0600 files): folders and executables ``0o777 & ~umask``,
+    other files ``0o666 & ~umask``. Links are left alone."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False when the C library, kernel or filesystem lacks it (the caller
+    falls back), an ``OSError`` for any other failure (``FileExistsError`` when ``dst`` exists)."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    func.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    at_fdcwd = -100
+    if func(at_fdcwd, os.fsencode(str(src)), at_fdcwd, os.fsencode(str(dst)), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def rename_no_replace(src: str | Path, dst: str | Path) -> None:
+    """Move folder ``src`` to ``dst`` atomically, failing with ``FileExistsError`` if ``dst`` exists (even when it
+    appears at the last moment): ``renameat2(RENAME_NOREPLACE)``, else claiming ``dst`` with ``mkdir`` (atomic
+    and exclusive) and renaming over that empty folder."""
+    src, dst = Path(src), Path(dst)
+    try:
+        if _renameat2(src, dst, _RENAME_NOREPLACE):
+            return
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
+        raise
+    os.mkdir(dst)  # FileExistsError when another writer holds it
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)
+        raise
+
+
+_SCRATCH = ("tmp", "old", "stage")
+
+
+def _scratch_name(out: Path) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(out.name)}\.({'|'.join(_SCRATCH)})-[A-Za-z0-9_]+$")
+
+
+@contextlib.contextmanager
+def scratch_folder(out: str | Path, kind: str = "tmp", keep: bool = False) -> Iterator[Path]:
+    """A folder ``.OUT.<kind>-XXXX`` beside ``out`` carrying the ``.pmod-convert`` marker and an exclusive
+    ``flock`` for as long as the block runs: :func:`clean_stale` removes it only once no live process holds it
+    (after a crash or kill -9). Removed at the end unless ``keep`` (then the caller has moved it away).
+
+    Raises:
+        CheckpointError: the folder cannot be created (read-only or missing parent, full disk).
+    """
+    out = Path(out)
+    assert kind in _SCRATCH
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-", dir=out.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write beside {out} ({exc.strerror or exc}); choose another --out") from None
+    fd = -1
+    try:
+        (folder / OUTPUT_MARKER).write_text(MARKER_TEXT)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield folder
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise CheckpointError(f"cannot write {out} ({exc.strerror}); nothing was changed there") from None
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if not keep or folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def clean_stale(out: str | Path) -> list[str]:
+    """Remove this toolkit's own leftovers beside ``out`` from runs that crashed or were killed: folders named
+    ``.OUT.tmp-*``, ``.OUT.old-*`` or ``.OUT.stage-*`` that carry the ``.pmod-convert`` marker and that no live
+    process holds (see :func:`scratch_folder`). When ``out`` is missing and an ``.OUT.old-*`` folder holds the
+    previous OUT (a crash between the two renames of a replace), it is moved back first. Returns the names
+    removed (a warning on the ``pmod_convert`` logger lists them)."""
+    out = Path(out)
+    pattern, removed = _scratch_name(out), []
+    if not out.parent.is_dir():
+        return removed
+    for item in sorted(out.parent.iterdir()):
+        match = pattern.match(item.name)
+        if not match or item.is_symlink() or not item.is_dir() or not (item / OUTPUT_MARKER).is_file():
+            continue
+        try:
+            fd = os.open(item, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live writer holds it
+            os.close(fd)
+            continue
+        try:
+            previous = item / out.name
+            if match.group(1) == "old" and previous.is_dir() and not out.exists() and not out.is_symlink():
+                rename_no_replace(previous, out)
+                log.warning("restored %s from %s (an earlier replace was interrupted)", out, item.name)
+            shutil.rmtree(item, ignore_errors=True)
+            removed.append(item.name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("removed leftovers of interrupted pmod-convert runs beside %s: %s", out, ", ".join(removed))
+    return removed
+
+
+def _replace(tmp: Path, out: Path, protect: Iterable[str | Path]) -> None:
+    """Put folder ``tmp`` in place of the existing ``out`` so that ``out`` is never missing: an atomic exchange
+    where the filesystem has one, else two renames with the old folder moved back on failure (and by
+    :func:`clean_stale` after a crash between them)."""
+    check_replaceable(out, protect)
+    if _renameat2(tmp, out, _RENAME_EXCHANGE):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old OUT
+        return
+    with scratch_folder(out, "old") as old:
+        os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / out.name, out)
+            raise
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | Path, overwrite: bool = False, protect: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; move it to ``out`` only if the block completes.
 
-    The folder gets the ``.pmod-convert`` marker. An existing ``out`` is replaced only with ``overwrite``
-    and only when :func:`check_replaceable` allows it (checked before the block runs and again before the
-    move); ``protect``: source folders that must never be replaced.
+    The folder carries the ``.pmod-convert`` marker from the start. Before the block: leftovers of our own
+    interrupted runs beside ``out`` are removed (:func:`clean_stale`), and an unwritable parent is refused.
+    The commit honours the umask (the folder gets ``0o777 & ~umask``, as ``mkdir`` would give it). Without
+    ``overwrite`` the commit is a no-replace rename: if ``out`` appeared meanwhile (another writer), this
+    writer fails and leaves it as it is. With ``overwrite``, an existing ``out`` is replaced only when
+    :func:`check_replaceable` allows it (checked before the block runs and again before the move), never
+    leaving ``out`` missing; ``protect``: source folders that must never be replaced.
 
     Raises:
-        CheckpointError: ``out`` exists and ``overwrite`` is false, or it may not be replaced.
+        CheckpointError: ``out`` exists and ``overwrite`` is false (before or at the commit), it may not be
+            replaced, or its folder cannot be written.
     """
     out = Path(out)
+    clean_stale(out)  # first: it may move back an OUT that an interrupted replace left beside it
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
     check_replaceable(out, protect)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_writable(out)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create {out.parent} ({exc.strerror or exc}); choose another --out") from None
+    with scratch_folder(out, "tmp", keep=True) as tmp:
         yield tmp
         (tmp / OUTPUT_MARKER).write_text(MARKER_TEXT)
-        if out.exists():
+        _honour_umask(tmp)
+        try:
+            rename_no_replace(tmp, out)
+        except FileExistsError:
             if not overwrite:
-                raise CheckpointError(f"{out} appeared while it was being written; choose another --out or pass "
-                                      "--overwrite")
-            check_replaceable(out, protect)
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                raise CheckpointError(f"{out} appeared while it was being written (another writer?) and was left "
+                                      "as it is; choose another --out or pass --overwrite") from None
+            _replace(tmp, out, protect)
 
 
 @contextlib.contextmanager
@@ -266,7 +494,10 @@ def require_safetensors(path: str | Path, allow_pickle: bool = False, what: str 
             ``adapter_model.bin``, ...) and ``allow_pickle`` is false.
     """
     path = Path(path)
-    if any(path.glob("*.safetensors")):
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        for file in found:
+            check_safetensors_file(file, what)
         return True
     pickles = sorted(p.name for p in path.glob("*") if p.name.endswith(PICKLE_SUFFIXES))
     if not pickles:
@@ -275,6 +506,26 @@ def require_safetensors(path: str | Path, allow_pickle: bool = False, what: str 
         raise CheckpointError(f"{path} holds only pickle weights ({pickles[0]}), which pmod-convert does not load; "
                               f"convert the {what} to safetensors, or pass {flag} if you trust the file")
     return False
+
+
+def check_safetensors_file(file: str | Path, what: str = "checkpoint") -> None:
+    """Cheap integrity check of a safetensors file (its header, and that the data it lists fits the file):
+    a one-line ``CheckpointError`` for a truncated or garbled file instead of a loader traceback."""
+    file = Path(file)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= length <= min(size - 8, 1 << 27):
+                raise ValueError("header too short or too large")
+            header = json.loads(handle.read(length))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        if 8 + length + max(ends, default=0) > size:
+            raise ValueError(f"{size} bytes, the header lists {8 + length + max(ends)}")
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"{file} is truncated or not a safetensors file ({str(exc)[:120]}); the {what} is "
+                              "corrupt") from None
 
 
 def weight_files(path: str | Path) -> list[Path]:

@@ -7,6 +7,7 @@ as a whole, and the applied recipe is saved next to every output as ``recipe.yam
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from .errors import RecipeError
 from .mod import schedule as prd
 
 RECIPE_VERSION = 1
+# Upper bound on decoder layers (the deepest released LLMs have ~130): a larger count in a config or an
+# option (--layers 0-999999999) is refused before anything is allocated.
+MAX_LAYERS = 4096
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -27,6 +31,10 @@ class RouterSettings:
     bias: bool = True
 
     def validate(self) -> None:
+        for name in ("tanh_alpha", "tanh_beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RecipeError(f"router.{name} must be a finite number, got {value!r}")
         if not self.tanh_alpha >= 0:
             raise RecipeError(f"router.tanh_alpha must be >= 0, got {self.tanh_alpha}")
         if self.tanh_beta - self.tanh_alpha < 0:
@@ -55,6 +63,15 @@ class ScheduleSettings:
         # Depth-independent checks; the rest happen when a depth is known.
         if self.kind not in prd.SCHEDULE_KINDS:
             raise RecipeError(f"unknown schedule {self.kind!r}; choose one of {', '.join(prd.SCHEDULE_KINDS)}")
+        if self.layers is not None:
+            if not self.layers:
+                raise RecipeError("schedule.layers is empty: no layer would become an MoD layer; list at least one "
+                                  "layer or leave it out")
+            bad = [i for i in self.layers if not 0 <= i < MAX_LAYERS]
+            if bad:
+                raise RecipeError(f"schedule.layers {bad[:3]} are outside 0..{MAX_LAYERS - 1}")
+        if self.ratios is not None and len(self.ratios) > MAX_LAYERS:
+            raise RecipeError(f"schedule.ratios has {len(self.ratios)} entries, more than {MAX_LAYERS} layers")
         if self.kind == "explicit":
             prd.layer_ratios(len(self.ratios or [None]), "explicit", ratios=self.ratios or [None])
         else:
@@ -70,6 +87,9 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def validate(self) -> "Recipe":
+        if isinstance(self.version, bool) or self.version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {self.version!r} is not supported (this pmod-convert reads version "
+                              f"{RECIPE_VERSION}); write the recipe for version {RECIPE_VERSION} or upgrade pmod-convert")
         if self.dtype not in DTYPES:
             raise RecipeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.router.validate()
@@ -148,6 +168,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if text.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if text.startswith("str"):
         if not isinstance(value, str):

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import atomic_folder, router_key
+from .checkpoint import atomic_folder, check_safetensors_file, router_key
 from .errors import CheckpointError
 
 SIDECAR_DIR = "pmod_adapter"
@@ -106,6 +106,16 @@ def load_sidecar(model: nn.Module, checkpoint: str | Path, *, is_trainable: bool
 
         if not (folder / "adapter_config.json").is_file():
             raise CheckpointError(f"{folder} says it holds a LoRA adapter but adapter_config.json is missing")
+        try:
+            adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{folder / 'adapter_config.json'} is not valid JSON ({exc}); the adapter sidecar "
+                                  "is corrupt") from None
+        if not isinstance(adapter_config, dict) or not isinstance(adapter_config.get("peft_type", "LORA"), str):
+            raise CheckpointError(f"{folder / 'adapter_config.json'} must hold a peft adapter config (a JSON object); "
+                                  "the adapter sidecar is corrupt")
+        if (folder / "adapter_model.safetensors").is_file():
+            check_safetensors_file(folder / "adapter_model.safetensors", "LoRA adapter")
         if not (folder / "adapter_model.safetensors").is_file():
             if not (folder / "adapter_model.bin").is_file():
                 raise CheckpointError(f"{folder} says it holds a LoRA adapter but adapter_model.safetensors is "

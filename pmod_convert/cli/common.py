@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from ..errors import PmodError, RecipeError
-from ..recipe import Recipe
+from ..recipe import MAX_LAYERS, Recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert dense multimodal LLMs into Mixture-of-Depths (p-MoD) models.")
@@ -70,12 +70,22 @@ def parse_layers(text: str) -> list[int]:
             if not part:
                 continue
             if "-" in part:
-                lo, hi = part.split("-", 1)
-                layers.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise RecipeError(f"--layers range {part!r} is empty (its end is below its start); "
+                                      f"write it as '{hi}-{lo}'")
+                if hi >= MAX_LAYERS:
+                    raise RecipeError(f"--layers range {part!r} goes past layer {MAX_LAYERS - 1}, more than any "
+                                      "supported model has")
+                layers.extend(range(lo, hi + 1))
             else:
                 layers.append(int(part))
+            if len(layers) > MAX_LAYERS:
+                raise RecipeError(f"--layers lists more than {MAX_LAYERS} layers")
     except ValueError:
         raise RecipeError(f"--layers must look like '8,9,12' or '8-31', got {text!r}") from None
+    if not layers:
+        raise RecipeError(f"--layers {text!r} names no layer; give at least one, e.g. '8,9,12' or '8-31'")
     return layers
 
 

@@ -68,8 +68,10 @@ def inspect_cmd(
     """Per-layer table of an MoD checkpoint (ratios, routers) and its estimated FLOPs / KV-cache ratios."""
     from ..checkpoint import read_config, read_routers
     from ..errors import CheckpointError
+    from ..export.manifest import verify_manifest
 
     config = read_config(checkpoint)
+    verify_manifest(checkpoint)  # an export: every file as written (and its manifest present)
     pmod = config.get("pmod")
     if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
         raise CheckpointError(f"{checkpoint} is not a pmod-convert checkpoint (no 'pmod' section in config.json)")

@@ -29,8 +29,12 @@ def eval_cmd(
     allow_outside_images: AllowOutsideImagesOpt = False,
 ) -> None:
     """Generate answers greedily, score them (normalised exact match, multiple-choice letters), write a summary."""
+    from ..errors import RecipeError
     from ..evaluation import evaluate
 
+    for name, value, high in (("--batch-size", batch_size, 4096), ("--max-new-tokens", max_new_tokens, 1 << 16)):
+        if not 1 <= value <= high:  # before the model is loaded or anything allocated
+            raise RecipeError(f"{name} must be in 1..{high}, got {value}")
     out = out if out is not None else Path(f"eval-{checkpoint.resolve().name}")
     summary = evaluate(checkpoint, data, image_folder, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
                        limit=limit, skip_bad_rows=skip_bad_rows, overwrite=overwrite, device=device, dtype=dtype,

@@ -91,9 +91,21 @@ def finetune_cmd(
     if max_grad_norm is not None:
         changes["max_grad_norm"] = max_grad_norm if max_grad_norm > 0 else None
     settings = base.replace(**changes)
-    summary = finetune(checkpoint, data, image_folder, out=out, settings=settings, run_dir=run_dir, resume=resume,
-                       overwrite=overwrite, val_data=val_data, val_image_folder=val_image_folder,
-                       allow_pickle=allow_pickle, allow_outside_images=allow_outside_images)
+    try:
+        summary = finetune(checkpoint, data, image_folder, out=out, settings=settings, run_dir=run_dir,
+                           resume=resume, overwrite=overwrite, val_data=val_data, val_image_folder=val_image_folder,
+                           allow_pickle=allow_pickle, allow_outside_images=allow_outside_images)
+    except KeyboardInterrupt:  # Ctrl-C: nothing was written to the output; say what can be resumed
+        from ..training.checkpoints import list_checkpoints
+        from ..training.finetune import default_run_dir
+
+        target = out if out is not None and out.resolve() != checkpoint.resolve() else checkpoint
+        run_path = run_dir if run_dir is not None else default_run_dir(target)
+        found = list_checkpoints(run_path)
+        console.print("interrupted: " + (f"{found[-1]} can be resumed (run the same command with --resume)" if found
+                      else f"no resumable checkpoint was written yet in {run_path}; run the command again"),
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if not PartialState().is_main_process:
         return
     if summary["skipped_rows"]:

@@ -80,6 +80,10 @@ class SampleEncoder:
                 raise DataError(f"the {model_type} processor cannot be built here ({str(exc).strip().splitlines()[0]}); "
                                 "install torchvision") from None
             processor = None
+        except (OSError, ValueError) as exc:  # no processor / tokenizer files, or unreadable ones
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"{checkpoint} has no usable processor ({first[:160]}); copy the processor and tokenizer "
+                            "files of the original model into it") from None
         if processor is not None and not hasattr(processor, "image_processor"):
             processor = None  # AutoProcessor fell back to a bare tokenizer
         try:

@@ -6,10 +6,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..checkpoint import OUTPUT_MARKER
 from ..errors import CheckpointError
 
 MANIFEST_NAME = "pmod_manifest.json"
 MANIFEST_FORMAT = 1
+EXPORT_SETTINGS = "export_settings.yaml"  # written by every export (pipeline.SETTINGS_FILE)
 _CHUNK = 1 << 20
 
 
@@ -25,7 +27,8 @@ def write_manifest(folder: str | Path) -> dict:
     """List every file under ``folder`` (except the manifest) with its size and sha256."""
     folder = Path(folder)
     files = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    # The toolkit's own marker (see checkpoint.atomic_folder) is bookkeeping, not part of the export.
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST_NAME, OUTPUT_MARKER)):
         files.append({"name": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size,
                       "sha256": sha256_file(path)})
     manifest = {"format": MANIFEST_FORMAT, "files": files}
@@ -34,13 +37,19 @@ def write_manifest(folder: str | Path) -> dict:
 
 
 def verify_manifest(folder: str | Path) -> bool:
-    """Check the files listed in ``folder/pmod_manifest.json``; False when the folder has no manifest.
+    """Check the files listed in ``folder/pmod_manifest.json``; False when the folder has no manifest and is
+    not an export.
 
-    Raises ``CheckpointError`` naming the first missing, truncated or corrupted file.
+    Raises ``CheckpointError`` naming the first missing, truncated or corrupted file, or when a folder that says
+    it is an export (it holds ``export_settings.yaml``) has no manifest: deleting the manifest does not turn the
+    checks off.
     """
     folder = Path(folder)
     manifest_file = folder / MANIFEST_NAME
     if not manifest_file.is_file():
+        if (folder / EXPORT_SETTINGS).is_file():
+            raise CheckpointError(f"{folder} is an export ({EXPORT_SETTINGS}) but has no {MANIFEST_NAME}, so its "
+                                  "files cannot be checked; export it again")
         return False
     try:
         manifest = json.loads(manifest_file.read_text())

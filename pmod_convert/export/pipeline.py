@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,10 +12,10 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter
 from ..adapters.base import unwrap
-from ..checkpoint import atomic_folder, check_replaceable, copy_processor_files, read_config
+from ..checkpoint import atomic_folder, check_replaceable, copy_processor_files, read_config, scratch_folder
 from ..errors import CheckpointError
 from .compare import Batch, check_batches, logit_deviation, model_logits, text_positions
-from .manifest import write_manifest
+from .manifest import EXPORT_SETTINGS, write_manifest
 from .quantize import (
     count_linears,
     quantize_folder,
@@ -28,7 +26,7 @@ from .quantize import (
 from .report import ExportReport, bytes_by_part, weight_file_bytes
 from .settings import ExportSettings
 
-SETTINGS_FILE = "export_settings.yaml"
+SETTINGS_FILE = EXPORT_SETTINGS
 
 
 def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", double_quant: bool = False,
@@ -143,11 +141,8 @@ def _check_source(checkpoint: Path) -> dict:
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A scratch folder beside OUT for the unquantized merged model, removed whatever happens."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
-    try:
+    with scratch_folder(out, "stage") as stage:  # marked and locked: a killed run's stage is cleaned next time
         yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _step(bar, description: str) -> None:

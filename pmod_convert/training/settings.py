@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,10 @@ class FinetuneSettings:
             if not ok:
                 raise RecipeError(message)
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if "float" in str(f.type) and isinstance(value, float):
+                need(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
         need(self.lora_r >= 0, f"lora_r must be >= 0 (0 trains the routers only), got {self.lora_r}")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
