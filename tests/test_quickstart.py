@@ -46,25 +46,26 @@ def _shape_mask(pixels, shape):
     return mask
 
 
+def _the(shapes, attribute, word):
+    """The shape a question names: "object" is a scene's only shape, else the one shape with that kind / colour."""
+    (match,) = shapes if word == "object" else [s for s in shapes if getattr(s, attribute) == word]
+    return match  # the generator only asks about unique shapes
+
+
 def _expected(question, shapes):
     """The answer, recomputed from the scene independently of the generator's question makers."""
     words = synthetic.split_words(question)
     text = " ".join(words)
     if text.startswith("what colour is the"):
-        kind = words[4]
-        (match,) = [s for s in shapes if s.kind == kind]  # the generator only asks about unique shapes
-        answer = match.colour
+        answer = _the(shapes, "kind", words[4]).colour
     elif text.startswith("what shape is the"):
-        (match,) = [s for s in shapes if s.colour == words[4]]
-        answer = match.kind
+        answer = _the(shapes, "colour", words[4]).kind
     elif text.startswith("how many"):
         answer = COUNT_WORDS[sum(s.kind + "s" == words[2] for s in shapes)]
     elif text.startswith("is the") and "left" in words:
-        (match,) = [s for s in shapes if s.kind == words[2]]
-        answer = "left" if match.cx < 32 else "right"
+        answer = "left" if _the(shapes, "kind", words[2]).cx < 32 else "right"
     elif text.startswith("is the") and "top" in words:
-        (match,) = [s for s in shapes if s.kind == words[2]]
-        answer = "top" if match.cy < 32 else "bottom"
+        answer = "top" if _the(shapes, "kind", words[2]).cy < 32 else "bottom"
     elif text.startswith("is there a"):
         answer = "yes" if any(s.colour == words[3] and s.kind == words[4] for s in shapes) else "no"
     elif text == "describe the image .":  # every shape, top row first, left to right
@@ -113,6 +114,34 @@ def test_answers_are_right_for_the_drawn_scene(tmp_path):
             assert (row["kinds"][-1] == "caption") == (split == "train")  # captions teach; tests ask questions
             assert 3 <= len(row["kinds"]) <= 4 if split == "train" else len(row["kinds"]) == 1
     assert kinds_seen == set(synthetic.QUESTION_KINDS) | {"caption"}
+
+
+def test_quickstart_questions_need_the_image(tmp_path):
+    """The quickstart's data: one shape per image, called "the object" (the question never gives an answer away),
+    answers balanced, so answering blind stays near chance on every kind."""
+    from pmod_convert.demo.quickstart import QuickstartSettings
+
+    settings = QuickstartSettings.full()
+    info = synthetic.make_dataset(tmp_path, train=300, val=2, test=200, train_questions=settings.train_questions,
+                                  train_captions=settings.train_captions, max_shapes=settings.max_shapes,
+                                  kinds=settings.question_kinds, seed=5)
+    train, test = json.loads(info.split("train").read_text()), json.loads(info.split("test").read_text())
+    answers = {}
+    for row in train + test:
+        (shape,) = [Shape(**s) for s in row["scene"]]
+        for turn, kind in zip(row["conversations"][::2], row["kinds"]):
+            assert "object" in turn["value"] and shape.kind not in turn["value"] and shape.colour not in turn["value"]
+        for turn, kind in zip(row["conversations"][1::2], row["kinds"]):
+            answers.setdefault(kind, []).append(turn["value"])
+    assert set(answers) == set(settings.question_kinds)
+    for kind, values in answers.items():  # no answer much commoner than its share
+        options = set(values)
+        assert max(values.count(v) for v in options) / len(values) < 1.5 / len(options), kind
+    blind = synthetic.blind_baseline_by_kind(train, test)
+    assert set(blind) == set(settings.question_kinds) and max(blind.values()) < 0.65
+    assert synthetic.blind_baseline(train, test) <= 0.5
+    with pytest.raises(synthetic.DatasetSettingsError, match="question kinds"):
+        synthetic.make_dataset(tmp_path / "bad", kinds=("colour", "size"))
 
 
 def test_scene_shapes_never_overlap_or_cross_midlines():

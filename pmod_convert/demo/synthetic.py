@@ -5,7 +5,9 @@ colours on a plain background, so most image patches are background and the answ
 on the few foreground patches -- the situation Mixture-of-Depths routing is made for.
 
 Questions have one-word answers (colour, shape, count, left/right, top/bottom, yes/no) or are multiple
-choice answered by a letter. Splits are written as LLaVA-style JSON files next to an ``images/`` folder::
+choice answered by a letter; ``kinds`` chooses among them. A scene's only shape is "the object" in its questions
+(the quickstart asks about single-shape scenes: colour and position, each answer needing the image). Splits are
+written as LLaVA-style JSON files next to an ``images/`` folder::
 
     DIR/images/train_00000.png ...
     DIR/train.json   several questions per image (a multi-turn conversation: more supervision per image)
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -143,6 +145,10 @@ def render(shapes: list[Shape], size: int = 64):
 # ------------------------------------------------------------------------------------------------
 
 
+# A scene's only shape is "the object": naming it by its kind or colour would give away the answer to the other
+# questions of the same conversation (and a model would learn to copy it from the text instead of the image).
+
+
 def _unique(values: list[str]) -> list[str]:
     return sorted(v for v in set(values) if values.count(v) == 1)
 
@@ -157,23 +163,30 @@ def _named_by(rng, shapes, attribute: str) -> tuple[str, Shape] | None:
 
 
 def _colour_q(rng, shapes):
+    if len(shapes) == 1:
+        return Question("colour", "what colour is the object?", shapes[0].colour)
     named = _named_by(rng, shapes, "kind")
     return None if named is None else Question("colour", f"what colour is the {named[0]}?", named[1].colour)
 
 
 def _shape_q(rng, shapes):
+    if len(shapes) == 1:
+        return Question("shape", "what shape is the object?", shapes[0].kind)
     named = _named_by(rng, shapes, "colour")
     return None if named is None else Question("shape", f"what shape is the {named[0]} object?", named[1].kind)
 
 
 def _count_q(rng, shapes):
-    kind = rng.choice(SHAPES)
+    # Half of the time a kind that is in the scene, else one that is not (if any): "zero" is not a blind answer.
+    present = sorted({s.kind for s in shapes})
+    absent = [k for k in SHAPES if k not in present]
+    kind = rng.choice(present if rng.random() < 0.5 or not absent else absent)
     count = sum(s.kind == kind for s in shapes)
     return Question("count", f"how many {kind}s are there?", COUNT_WORDS[count])
 
 
 def _position_q(rng, shapes, size, horizontal):
-    named = _named_by(rng, shapes, "kind")
+    named = ("object", shapes[0]) if len(shapes) == 1 else _named_by(rng, shapes, "kind")
     if named is None:
         return None
     kind, shape = named
@@ -236,9 +249,10 @@ def ask(rng: random.Random, shapes: list[Shape], kind: str, size: int = 64) -> Q
     return makers[kind]()
 
 
-def questions_for(rng: random.Random, shapes: list[Shape], n: int, size: int = 64) -> list[Question]:
-    """Up to ``n`` questions of distinct kinds (drawn uniformly among those the scene supports)."""
-    kinds = list(QUESTION_KINDS)
+def questions_for(rng: random.Random, shapes: list[Shape], n: int, size: int = 64,
+                  kinds: Sequence[str] = QUESTION_KINDS) -> list[Question]:
+    """Up to ``n`` questions of distinct kinds among ``kinds`` (drawn uniformly among those the scene supports)."""
+    kinds = list(kinds)
     rng.shuffle(kinds)
     out = []
     for kind in kinds:
@@ -291,7 +305,7 @@ def _row(sid: str, image: str, shapes: list[Shape], questions: list[Question]) -
 
 
 def iter_split(name: str, n_images: int, questions_per_image: int, seed: int, size: int = 64,
-               max_shapes: int = 3, caption: bool = False):
+               max_shapes: int = 3, caption: bool = False, kinds: Sequence[str] = QUESTION_KINDS):
     """Yield ``(row, PIL image)`` for one split; the same (name, seed, settings) always gives the same split.
 
     ``caption``: end every conversation with "describe the image." and the scene's caption (dense supervision
@@ -300,7 +314,9 @@ def iter_split(name: str, n_images: int, questions_per_image: int, seed: int, si
     rng = random.Random(f"{seed}-{name}")
     for i in range(n_images):
         shapes = draw_scene(rng, size, max_shapes)
-        questions = questions_for(rng, shapes, questions_per_image, size)  # never empty: "count" always fits
+        questions = questions_for(rng, shapes, questions_per_image, size, kinds)
+        if not questions:  # only kinds that need a uniquely named shape, and none is: ask for the count instead
+            questions = [_count_q(rng, shapes)]
         if caption:
             questions.append(Question("caption", CAPTION_PROMPT, describe(shapes, size)))
         yield _row(f"{name}-{i:05d}", f"{name}_{i:05d}.png", shapes, questions), render(shapes, size)
@@ -308,9 +324,13 @@ def iter_split(name: str, n_images: int, questions_per_image: int, seed: int, si
 
 def make_dataset(root: str | Path, *, train: int = 3000, val: int = 200, test: int = 400,
                  train_questions: int = 3, train_captions: bool = True, seed: int = 0, size: int = 64,
-                 max_shapes: int = 3, progress: Callable[[str, int, int], None] | None = None) -> DatasetInfo:
+                 max_shapes: int = 3, kinds: Sequence[str] = QUESTION_KINDS,
+                 progress: Callable[[str, int, int], None] | None = None) -> DatasetInfo:
     """Write the splits under ``root`` (train: ``train_questions`` turns per image, then a caption turn with
-    ``train_captions``; val/test: one question each).
+    ``train_captions``; val/test: one question each), questions drawn among ``kinds``.
+
+    ``max_shapes=1`` gives single-object scenes: every question is about the one shape, so answering needs the
+    image but never "which object does the question name" (a tiny model learns it in a few hundred steps).
 
     ``progress(split, done, total)`` is called after every image (for progress bars).
     """
@@ -318,8 +338,13 @@ def make_dataset(root: str | Path, *, train: int = 3000, val: int = 200, test: i
         raise DatasetSettingsError(f"image size must be a multiple of {2 * CELL} px, got {size}")
     if min(train, val, test) < 1:
         raise DatasetSettingsError("every split needs at least one image")
-    if not 1 <= train_questions <= len(QUESTION_KINDS):
-        raise DatasetSettingsError(f"train_questions must be in 1..{len(QUESTION_KINDS)}, got {train_questions}")
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in QUESTION_KINDS]
+    if unknown or not kinds or len(set(kinds)) != len(kinds):
+        raise DatasetSettingsError(f"question kinds must be distinct and among {', '.join(QUESTION_KINDS)}, "
+                                   f"got {', '.join(kinds) or 'none'}")
+    if not 1 <= train_questions <= len(kinds):
+        raise DatasetSettingsError(f"train_questions must be in 1..{len(kinds)}, got {train_questions}")
     if not 1 <= max_shapes <= 3:
         raise DatasetSettingsError(f"max_shapes must be in 1..3, got {max_shapes}")
     root = Path(root)
@@ -329,7 +354,7 @@ def make_dataset(root: str | Path, *, train: int = 3000, val: int = 200, test: i
     for name, n, per_image in (("train", train, train_questions), ("val", val, 1), ("test", test, 1)):
         rows = []
         caption = train_captions and name == "train"
-        for i, (row, image) in enumerate(iter_split(name, n, per_image, seed, size, max_shapes, caption)):
+        for i, (row, image) in enumerate(iter_split(name, n, per_image, seed, size, max_shapes, caption, kinds)):
             image.save(images / row["image"])
             rows.append(row)
             if progress is not None:
@@ -337,7 +362,8 @@ def make_dataset(root: str | Path, *, train: int = 3000, val: int = 200, test: i
         (root / f"{name}.json").write_text(json.dumps(rows, indent=1))
         counts[name], questions[name] = n, sum(len(r["kinds"]) for r in rows)
     info = DatasetInfo(root=root, image_size=size, counts=counts, questions=questions, vocabulary=vocabulary())
-    meta = {"seed": seed, "image_size": size, "max_shapes": max_shapes, "train_questions": train_questions,
+    meta = {"seed": seed, "image_size": size, "max_shapes": max_shapes, "kinds": list(kinds),
+            "train_questions": train_questions,
             "train_captions": train_captions,
             "images": counts, "questions": questions, "vocabulary": info.vocabulary,
             "colours": {k: list(v) for k, v in COLOURS.items()}, "background": list(BACKGROUND)}
