@@ -1,9 +1,14 @@
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from pmod_convert import Recipe, ScheduleSettings
 from pmod_convert.adapters import adapter_by_family, all_adapters
+from pmod_convert.cli import app
+from pmod_convert.mod.router import ROUTER_NAME
 from pmod_convert.tiny import build_tiny_model
 
 FAMILIES = [a.family for a in all_adapters()]
@@ -53,3 +58,41 @@ ROWS: dict = {
 def single_rows(family: str, config):
     adapter = adapter_by_family(family)
     return [adapter.dummy_inputs(config, batch_size=1, seed=i, **kw) for i, kw in enumerate(ROWS[family])]
+
+
+# ---- helpers shared by several test modules (``from conftest import ...``) ----
+
+runner = CliRunner()
+CONSTANT = Recipe(schedule=ScheduleSettings(kind="constant", ratio=0.5))
+
+
+def constant(ratio, layers=None):
+    return Recipe(schedule=ScheduleSettings(kind="constant", ratio=ratio, layers=layers))
+
+
+def randomize_routers(model, seed=1, std=0.5):
+    """Give every router of ``model`` seeded random weights (so the selection depends on the tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ROUTER_NAME in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def run(*args):
+    """Run the CLI in-process: ``(exit code, output)``."""
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def one_error_line(output: str) -> str:
+    """The single ``error:`` line of a failed command (and no traceback)."""
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output, output
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path, with its bytes (to prove nothing changed)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -215,3 +215,31 @@ def test_a_non_finite_loss_stops_training_before_the_weights_are_touched(ws, tmp
         finetune(ws / "mod", ws / "train.json", ws / "images", out=tmp_path / "ft", settings=settings,
                  show_progress=False)
     assert not (tmp_path / "ft").exists()  # no output written
+
+
+def test_a_step_that_answers_worse_than_the_input_is_never_kept():
+    from pmod_convert.training.validation import ValidationResult, better
+
+    start = ValidationResult(step=0, accuracy=0.875, agreement=0.958, kl=0.4147, loss=1.0, samples=24, seconds=0)
+    lower_kl_worse_answers = ValidationResult(2, 0.583, 0.812, 0.4136, 1.0, 24, 0)
+    lower_kl_same_answers = ValidationResult(4, 0.875, 0.958, 0.30, 1.0, 24, 0)
+    assert better(lower_kl_worse_answers, start, "kl")  # KL alone would keep it
+    assert not better(lower_kl_worse_answers, start, "kl", start)
+    assert better(lower_kl_same_answers, start, "kl", start)
+    assert not better(lower_kl_worse_answers, start, "accuracy", start)
+
+
+def test_text_only_training_data_is_refused_and_epochs_are_sized_from_the_data(ws, tmp_path):
+    from pmod_convert.data import DataError
+
+    rows = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "w33 w34"}, {"from": "gpt", "value": "w36"}]}
+            for i in range(4)]
+    (tmp_path / "text.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match="no training row has an image"):
+        finetune(ws / "mod", tmp_path / "text.json", out=tmp_path / "ft", settings=FinetuneSettings(**QUIET),
+                 show_progress=False)
+    assert not (tmp_path / "ft").exists()
+    assert FinetuneSettings().epochs_for(60) == 3  # 1,000 rows at an effective batch of 16
+    assert FinetuneSettings().epochs_for(100) == 2
+    assert FinetuneSettings().epochs_for(5000) == 1
+    assert FinetuneSettings(epochs=1).epochs_for(60) == 1

@@ -7,35 +7,17 @@ import os
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from pmod_convert import Recipe, ScheduleSettings, convert, load_pretrained
+from pmod_convert import Recipe, convert, load_pretrained
 from pmod_convert import checkpoint as ck
 from pmod_convert.checkpoint import OUTPUT_MARKER, atomic_folder, clean_stale, rename_no_replace, scratch_folder
-from pmod_convert.cli import app
 from pmod_convert.errors import CheckpointError, RecipeError
 from pmod_convert.export.manifest import MANIFEST_NAME, write_manifest
 from pmod_convert.tiny import save_tiny_checkpoint
 from pmod_convert.training import FinetuneSettings
 
-runner = CliRunner()
-CONSTANT = Recipe(schedule=ScheduleSettings(kind="constant", ratio=0.5))
+from conftest import CONSTANT, one_error_line, run, snapshot
 
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def one_error_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, output
-    assert "Traceback" not in output, output
-    return lines[0]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

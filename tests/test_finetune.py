@@ -94,7 +94,8 @@ def test_finetune_lowers_loss_changes_only_lora_and_routers(workspace, tmp_path)
         seen["after"] = _base_state(model)
         seen["lora_trainable"] = sorted({kind(n) for n, p in model.named_parameters() if p.requires_grad})
 
-    settings = FinetuneSettings(max_steps=12, batch_size=2, router_aux_coef=0.01, loss="ce", **FAST)
+    settings = FinetuneSettings(max_steps=12, batch_size=2, router_aux_coef=0.01, loss="ce", router_rank_coef=0.0,
+                                **FAST)
     summary = finetune(workspace / "mod", workspace / "train.json", workspace / "images", out=out, settings=settings,
                        callbacks=[capture], show_progress=False)
     log = [json.loads(line) for line in (out / REPORT_DIR / "log.jsonl").read_text().splitlines()]

@@ -5,9 +5,9 @@ import types
 
 import pytest
 import torch
-from conftest import FAMILIES, batch_inputs, single_rows, tiny_model
+from conftest import FAMILIES, batch_inputs, constant, randomize_routers, single_rows, tiny_model
 
-from pmod_convert import Recipe, ScheduleSettings, add_routers, layer_infos
+from pmod_convert import Recipe, add_routers, layer_infos
 from pmod_convert.adapters import adapter_by_family
 from pmod_convert.data import collate
 from pmod_convert.mod.cache import MoDCacheLayer
@@ -17,18 +17,6 @@ from pmod_convert.tiny import RESERVED
 
 # A random model may emit a vision placeholder; recomputation would then see one image token too many.
 SPECIAL_IDS = list(range(RESERVED))
-
-
-def constant(ratio, layers=None):
-    return Recipe(schedule=ScheduleSettings(kind="constant", ratio=ratio, layers=layers))
-
-
-def randomize_routers(model, seed=1, std=0.5):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ROUTER_NAME in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def real_positions(inputs):

@@ -12,34 +12,16 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from pmod_convert import Recipe, ScheduleSettings, convert, load_pretrained
+from pmod_convert import convert, load_pretrained
 from pmod_convert.checkpoint import OUTPUT_MARKER, read_config
-from pmod_convert.cli import app
 from pmod_convert.data import SampleEncoder, read_samples
 from pmod_convert.errors import CheckpointError, DataError, UnsupportedArchitecture
 from pmod_convert.tiny import save_tiny_checkpoint
 from pmod_convert.training import checkpoints as ckpts
 
-runner = CliRunner()
-CONSTANT = Recipe(schedule=ScheduleSettings(kind="constant", ratio=0.5))
+from conftest import CONSTANT, one_error_line, run, snapshot
 
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def one_error_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, output
-    assert "Traceback" not in output, output
-    return lines[0]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 class Payload:

@@ -4,26 +4,13 @@ import copy
 
 import pytest
 import torch
-from conftest import batch_inputs, tiny_model
+from conftest import batch_inputs, constant, randomize_routers, tiny_model
 
-from pmod_convert import Recipe, ScheduleSettings, add_routers
+from pmod_convert import add_routers
 from pmod_convert.adapters import adapter_by_family
 from pmod_convert.api import mod_layers
 from pmod_convert.errors import UnsupportedArchitecture
 from pmod_convert.mod.cache import MoDCacheLayer
-from pmod_convert.mod.router import ROUTER_NAME
-
-
-def constant(ratio, layers=None):
-    return Recipe(schedule=ScheduleSettings(kind="constant", ratio=ratio, layers=layers))
-
-
-def randomize_routers(model, seed=1, std=0.5):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ROUTER_NAME in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def ok(inputs):

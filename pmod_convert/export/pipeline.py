@@ -79,14 +79,15 @@ def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", d
             del model
             copy_processor_files(checkpoint, tmp)
             recipe_from_config(pmod).save(tmp / "recipe.yaml")
-            (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(
-                {**settings.to_dict(), "resolved_skip_modules": skip, "source": str(checkpoint), "lora_merged": lora},
-                sort_keys=False))
             _step(steps, "checking the written model")
             exported = load_pretrained(tmp)  # exactly what users will load
             with quiet_int8_casts():
                 deviation = logit_deviation(reference, model_logits(exported, batches), text)
             del exported
+            # Written after the check: a folder with export settings must carry a manifest to load.
+            (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(
+                {**settings.to_dict(), "resolved_skip_modules": skip, "source": str(checkpoint), "lora_merged": lora},
+                sort_keys=False))
             _step(steps, "report + manifest")
             parts_after = bytes_by_part(tmp)
             report = ExportReport(

@@ -78,7 +78,9 @@ def split_validation(data: TrainingData, settings: FinetuneSettings) -> tuple[Tr
         return data.subset([i for i in range(n) if i not in chosen]), data.subset(held), \
             f"{k} held-out training rows"
     k = min(n, settings.val_min)
-    return data, data.subset(list(range(k))), f"{k} training rows (too few rows to hold any out; pass --val-data)"
+    why = "--val-fraction 0: none held out" if settings.val_fraction == 0 else \
+        "too few rows to hold any out; pass --val-data"
+    return data, data.subset(list(range(k))), f"{k} training rows ({why})"
 
 
 def load_training_data(data: str | Path, image_folder: str | Path | None, checkpoint: str | Path,

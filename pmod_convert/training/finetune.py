@@ -20,7 +20,7 @@ import torch
 from ..adapters import get_adapter
 from ..api import check_trainable
 from ..checkpoint import atomic_folder, check_replaceable, copy_checkpoint_tree, read_config, require_safetensors
-from ..errors import CheckpointError, RecipeError
+from ..errors import CheckpointError, DataError, RecipeError
 from ..sidecar import SIDECAR_DIR, has_sidecar, save_sidecar
 from .checkpoints import list_checkpoints
 from .data import load_training_data, split_validation
@@ -102,9 +102,12 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
         held = load_training_data(val_data, val_image_folder if val_image_folder is not None else image_folder,
                                   checkpoint, val_settings, show_progress=False,
                                   allow_outside_images=allow_outside_images)
-        val_how = f"{len(held)} rows of {val_data}"
+        val_how = f"{len(held)} rows of {val_data}" + (f" ({held.skipped} bad rows skipped)" if held.skipped else "")
     else:
         dataset, held, val_how = split_validation(dataset, settings)
+    if not any(sample.images for sample in dataset.samples):
+        raise DataError(f"{data}: no training row has an image; routing only skips vision tokens, so a finetune "
+                        "on text alone has nothing to learn: give rows with images")
     model = load_base(checkpoint, settings, device=accelerator.device, allow_pickle=allow_pickle)
     model = prepare_for_training(model, settings)
     params = count_parameters(model)
@@ -143,6 +146,7 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
         summary = _summary(result, dataset, settings, params, layers, accelerator.num_processes, checkpoint,
                            target, run_path, wall)
         summary["grad_accum"] = result.grad_accum
+        summary["epochs"] = result.epochs
         summary["learning_rates"] = dict(zip(("lora", "routers"), settings.learning_rates(text_hidden_size(bare))))
         summary["effective_batch_size"] = result.grad_accum * settings.batch_size * accelerator.num_processes
         summary["validation"] = _validation_summary(result, validator, val_how, kept)
@@ -171,6 +175,8 @@ def _validation_summary(result, validator, how: str, kept: str) -> dict[str, Any
     return {
         "on": how, "samples": len(validator.data) if validator is not None else 0,
         "dense_accuracy": validator.dense_accuracy if validator is not None else None,
+        "skipped_rows": validator.data.skipped if validator is not None else 0,
+        "skipped_reasons": validator.data.skipped_reasons[:20] if validator is not None else [],
         "input": first, "output": output, "last": records[-1] if records else None, "kept": kept,
         "improved": kept not in ("input",), "curve": records,
     }

@@ -184,6 +184,7 @@ class LoopResult:
     validations: list[dict] = field(default_factory=list)  # validation records, step 0 = the input model
     best: dict | None = None  # the best validation record (its weights are in RUN_DIR/best.safetensors)
     grad_accum: int = 1
+    epochs: int = 1
 
 
 def _as_result(record: dict):
@@ -226,7 +227,8 @@ class TrainingLoop:
         self.grad_accum = settings.accumulation(len(data), accelerator.num_processes)
         self.plan = BatchPlan(len(data), settings.batch_size, self.grad_accum, accelerator.num_processes,
                               settings.seed)
-        self.total_steps = self.plan.total_steps(settings.epochs, settings.max_steps)
+        self.epochs = settings.epochs_for(self.plan.steps_per_epoch)
+        self.total_steps = self.plan.total_steps(self.epochs, settings.max_steps)
         optimizer, self.scheduler, self.group_names = build_optimizer(model, settings, self.total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable = [p for p in self._unique_trainable()]
@@ -278,7 +280,8 @@ class TrainingLoop:
             result = self.validator.run(acc.unwrap_model(self.model), step)
             record = result.to_dict()
             previous = _as_result(self.best) if self.best is not None else None
-            record["best"] = previous is None or better(result, previous, self.settings.select_by)
+            start = next((_as_result(v) for v in self.validations if v["step"] == 0), None)
+            record["best"] = previous is None or better(result, previous, self.settings.select_by, start)
             if record["best"]:
                 self.best = record
                 save_best(self.run_dir, trainable_state(self.model), record)
@@ -386,7 +389,7 @@ class TrainingLoop:
         return LoopResult(steps=len(records), total_steps=self.total_steps, records=records,
                           train_seconds=train_seconds, input_tokens=tokens_seen,
                           resumed_from=start if ckpt is not None else None, validations=self.validations,
-                          best=self.best, grad_accum=self.grad_accum)
+                          best=self.best, grad_accum=self.grad_accum, epochs=self.epochs)
 
     def _stop_non_finite(self, step: int, totals: list[float], grad_norm: float) -> None:
         """Raise before a non-finite update reaches the weights (every process sees the same reduced totals)."""

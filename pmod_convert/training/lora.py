@@ -31,6 +31,7 @@ def load_base(checkpoint: Any, settings: FinetuneSettings, device: torch.device 
     from transformers import BitsAndBytesConfig
 
     config = read_config(checkpoint)
+    _check_cpu_4bit(config, device)
     adapter, compute = get_adapter(config), _compute_dtype(settings.dtype, config)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute,
@@ -40,6 +41,22 @@ def load_base(checkpoint: Any, settings: FinetuneSettings, device: torch.device 
                                device_map={"": torch.device(device)}, allow_pickle=allow_pickle)
     except ImportError as exc:
         raise RecipeError(f"--qlora needs bitsandbytes ({str(exc).splitlines()[0]})") from None
+
+
+def _check_cpu_4bit(config: dict, device: Any) -> None:
+    """bitsandbytes' CPU 4-bit kernels pack weights in blocks of 64 input features: refuse other widths up front.
+
+    Raises:
+        RecipeError: QLoRA on the CPU with a hidden or intermediate size that is not a multiple of 64.
+    """
+    if torch.device(device).type != "cpu":
+        return
+    text = config.get("text_config") or config
+    sizes = {k: text.get(k) for k in ("hidden_size", "intermediate_size") if isinstance(text.get(k), int)}
+    bad = {k: v for k, v in sizes.items() if v % 64}
+    if bad:
+        raise RecipeError(f"--qlora on the CPU needs the language model's widths to be multiples of 64 "
+                          f"(bitsandbytes' 4-bit CPU kernels); this model has {bad}: run on CUDA or without --qlora")
 
 
 def _kept_unquantized(checkpoint: Any, adapter: ArchitectureAdapter) -> list[str]:

@@ -122,7 +122,8 @@ def format_summary(summary: dict, with_validation: bool = True) -> str:
         f"(first {summary['first_loss']:.4f}), {summary['train_seconds']:.1f} s, "
         f"{summary['tokens_per_s']:.0f} tokens/s, {summary['samples']} samples"
         + (f" ({summary['skipped_rows']} bad rows skipped)" if summary["skipped_rows"] else ""),
-        "layer  ratio  kept/total    w(kept)  w(skipped)  router moved",
+        "layer  ratio  kept/total    w(kept)  w(skipped)  router moved"
+        + ("   (the input's weights were kept)" if (summary.get("validation") or {}).get("kept") == "input" else ""),
     ]
     for l in summary["layers"]:
         wk = "-" if l["weight_kept"] is None else f"{l['weight_kept']:.4f}"

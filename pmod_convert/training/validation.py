@@ -11,7 +11,7 @@ every ``eval_steps`` steps:
 
 The dense references come from the same weights with routing and adapters off (see ``distill.Teacher``) and
 are computed once. :func:`better` orders results: by accuracy, then agreement, then lower KL (``accuracy``),
-or by KL alone (``kl``).
+or by KL alone (``kl``); a step below the input's accuracy or agreement never counts as better.
 """
 
 from __future__ import annotations
@@ -52,8 +52,15 @@ class ValidationResult:
         return (round(self.accuracy, 9), round(self.agreement, 9), -self.kl)
 
 
-def better(a: ValidationResult, b: ValidationResult, select_by: str) -> bool:
-    """True when ``a`` is strictly better than ``b`` under ``select_by`` (ties keep ``b``)."""
+def better(a: ValidationResult, b: ValidationResult, select_by: str, start: ValidationResult | None = None) -> bool:
+    """True when ``a`` is strictly better than ``b`` under ``select_by`` (ties keep ``b``).
+
+    ``start``: the input model's result. A step that answers worse than the input (lower accuracy) or agrees
+    less with the dense model (lower top-1 agreement) is never better, whatever its KL: the output is never
+    worse than the input on any of the validation measures a user reads.
+    """
+    if start is not None and (a.accuracy < start.accuracy or a.agreement < start.agreement):
+        return False
     return a.key(select_by) > b.key(select_by)
 
 
