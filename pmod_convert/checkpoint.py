@@ -187,10 +187,12 @@ def check_replaceable(out: str | Path, protect: Iterable[str | Path] = ()) -> No
     Raises:
         CheckpointError: ``out`` is not a folder, is the current directory or one of its parents, is one of
             ``protect`` (the command's sources) or a folder holding one, or is a non-empty folder that this
-            toolkit did not write (see :func:`written_by_pmod`), or its folder is read-only.
+            toolkit did not write (see :func:`written_by_pmod`), or its folder is read-only, or its disk has
+            less free space than the sources in ``protect`` take (see :func:`check_free_space`).
     """
     out = Path(out)
     check_writable(out)  # commands call this before their expensive work
+    check_free_space(out, sum(_tree_bytes(Path(p)) for p in protect))
     if not out.exists() and not out.is_symlink():
         return
     if out.is_symlink() or not out.is_dir():
@@ -208,6 +210,32 @@ def check_replaceable(out: str | Path, protect: Iterable[str | Path] = ()) -> No
         raise CheckpointError(f"{out} exists and was not written by pmod-convert (no {OUTPUT_MARKER} file); "
                               "--overwrite only replaces pmod-convert's own outputs: choose another --out or "
                               "remove the folder yourself")
+
+
+def _tree_bytes(folder: Path) -> int:
+    """Bytes of the regular files under ``folder`` (0 for a missing folder or a file)."""
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def check_free_space(out: str | Path, need: int) -> None:
+    """Refuse, before any expensive work, an ``out`` whose disk has less than ``need`` bytes (plus 5% and
+    16 MiB) free; ``need`` is the size of the command's source folders, which its output is about the size of.
+
+    Raises:
+        CheckpointError: too little free space.
+    """
+    if need <= 0:
+        return
+    parent = Path(out).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    want = int(need * 1.05) + 16 * 2**20
+    if free < want:
+        raise CheckpointError(f"cannot write {out}: {parent} has {free / 2**20:.0f} MiB free and the output needs about "
+                              f"{want / 2**20:.0f} MiB (the size of its source); free space or choose another --out")
 
 
 def check_writable(out: str | Path) -> None:

@@ -477,3 +477,57 @@ def test_eval_lengths_are_bounded_before_loading(mod, tmp_path, args, message):
     assert code == 2
     assert message in one_error_line(output)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- 11. decompression bombs and over-long rows: row errors, skippable -------------------------------------------
+def _rows(tmp_path: Path, rows: list[dict]) -> Path:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(images / "small.png")
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(images / "big.png")
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    return tmp_path / "data.json"
+
+
+def _row(i: int, image: str, question: str = "w40 w41") -> dict:
+    return {"id": f"r{i}", "image": image, "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                            {"from": "gpt", "value": "w50"}]}
+
+
+def test_a_decompression_bomb_is_a_row_error_that_skip_bad_rows_skips(mod, tmp_path, monkeypatch):
+    from PIL import Image
+
+    data = _rows(tmp_path, [_row(0, "small.png"), _row(1, "big.png")])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 pixels > 2 x 1000: a "bomb"
+    code, output = run("eval", mod, "--data", data, "--image-folder", tmp_path / "images", "--out", tmp_path / "e")
+    assert code == 2 and "row 2 (id 'r1')" in one_error_line(output) and "decompression bomb" in output.lower()
+    assert not (tmp_path / "e").exists()
+    code, output = run("eval", mod, "--data", data, "--image-folder", tmp_path / "images", "--out", tmp_path / "e",
+                       "--skip-bad-rows")
+    assert code == 0, output
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["skipped"] == 1
+
+
+def test_a_row_longer_than_the_models_positions_is_refused(mod, tmp_path):
+    long = " ".join(["w42"] * 1100)  # the tiny model has 1024 positions
+    data = _rows(tmp_path, [_row(0, "small.png"), _row(1, "small.png", long)])
+    code, output = run("eval", mod, "--data", data, "--image-folder", tmp_path / "images", "--out", tmp_path / "e")
+    line = one_error_line(output)
+    assert code == 2 and "id 'r1'" in line and "more than the 1024 positions" in line
+    assert not (tmp_path / "e").exists()
+    code, output = run("eval", mod, "--data", data, "--image-folder", tmp_path / "images", "--out", tmp_path / "e",
+                       "--skip-bad-rows")
+    assert code == 0, output
+
+
+def test_a_disk_without_room_for_the_output_is_refused_before_any_work(dense, tmp_path, monkeypatch):
+    import shutil as sh
+
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda path: real(path)._replace(free=1024))
+    code, output = run("add-routers", dense, "--out", tmp_path / "mod")
+    line = one_error_line(output)
+    assert code == 2 and "MiB free" in line and "choose another --out" in line
+    assert not (tmp_path / "mod").exists() and not list(tmp_path.iterdir())

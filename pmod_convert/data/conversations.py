@@ -190,6 +190,6 @@ def _check_image(path: Path, where: str) -> Path:
     try:
         with Image.open(path) as image:
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{where}: image {path} cannot be read ({exc})") from None
     return path.resolve()

@@ -330,7 +330,18 @@ class SampleEncoder:
         if self.config.model_type in _EXPAND_FALLBACK:
             # M-RoPE needs the token types the real processor returns: 0 text, 1 image.
             out["mm_token_type_ids"] = (out["input_ids"] == int(self.config.image_token_id)).long()
+        n, limit = int(out["input_ids"].shape[-1]), self.max_positions
+        if limit is not None and n > limit:
+            raise DataError(f"has {n} tokens, more than the {limit} positions the model has "
+                            "(max_position_embeddings); shorten the row")
         return out
+
+    @property
+    def max_positions(self) -> int | None:
+        """The language model's ``max_position_embeddings`` (tokens), or None when the config names none."""
+        text = getattr(self.config, "text_config", None) or self.config
+        value = getattr(text, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
 
     def _expand_and_tokenize(self, text: str, images: list[Any], special: bool = True) -> dict[str, torch.Tensor]:
         pixels = dict(self.image_processor(images=images, return_tensors="pt"))
@@ -369,7 +380,7 @@ def _load_image(image: Any):
             with Image.open(image) as img:
                 img.load()
                 return _to_rgb(img, str(image))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(f"image {image} cannot be read ({exc})") from None
     if not hasattr(image, "convert"):
         return image
