@@ -221,11 +221,13 @@ def test_a_step_that_answers_worse_than_the_input_is_never_kept():
     from pmod_convert.training.validation import ValidationResult, better
 
     start = ValidationResult(step=0, accuracy=0.875, agreement=0.958, kl=0.4147, loss=1.0, samples=24, seconds=0)
-    lower_kl_worse_answers = ValidationResult(2, 0.583, 0.812, 0.4136, 1.0, 24, 0)
-    lower_kl_same_answers = ValidationResult(4, 0.875, 0.958, 0.30, 1.0, 24, 0)
+    lower_kl_worse_answers = ValidationResult(2, 0.583, 0.812, 0.4136, 1.0, 24, 0)  # 7 questions fewer
+    lower_kl_one_question_fewer = ValidationResult(3, 0.875 - 1 / 24, 0.95, 0.30, 1.0, 24, 0)
+    lower_kl_two_questions_fewer = ValidationResult(4, 0.875 - 2 / 24, 0.95, 0.20, 1.0, 24, 0)
     assert better(lower_kl_worse_answers, start, "kl")  # KL alone would keep it
     assert not better(lower_kl_worse_answers, start, "kl", start)
-    assert better(lower_kl_same_answers, start, "kl", start)
+    assert better(lower_kl_one_question_fewer, start, "kl", start)  # within one question: the KL decides
+    assert not better(lower_kl_two_questions_fewer, start, "kl", start)
     assert not better(lower_kl_worse_answers, start, "accuracy", start)
 
 
