@@ -446,6 +446,9 @@ def atomic_folder(out: str | Path, overwrite: bool = False, protect: Iterable[st
             _replace(tmp, out, protect)
 
 
+UPDATE_NAME = "pmod-update"  # in-place scratch folders are named .pmod-update.tmp-XXXX
+
+
 @contextlib.contextmanager
 def update_in_place(folder: str | Path, written: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder inside ``folder``; when the block completes, move the files written there into
@@ -460,10 +463,11 @@ def update_in_place(folder: str | Path, written: Iterable[str] = ()) -> Iterator
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; pass an existing checkpoint folder")
-    tmp = Path(tempfile.mkdtemp(prefix=".pmod-update-", dir=folder))
-    try:
+    # A scratch folder inside the checkpoint (``.pmod-update.tmp-*``: marker + lock), so the next in-place run
+    # removes what a killed one left, and never a live run's folder or anything else in the checkpoint.
+    clean_stale(folder / UPDATE_NAME)
+    with scratch_folder(folder / UPDATE_NAME) as tmp:
         yield tmp
-        (tmp / OUTPUT_MARKER).write_text(MARKER_TEXT)
         new = sorted((p for p in tmp.iterdir() if p.is_file()), key=lambda p: (p.name == "config.json", p.name))
         for item in new:
             dest = folder / item.name
@@ -477,8 +481,6 @@ def update_in_place(folder: str | Path, written: Iterable[str] = ()) -> Iterator
             stale = folder / name
             if name not in names and stale.is_file() and not stale.is_symlink():
                 stale.unlink()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:

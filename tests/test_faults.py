@@ -531,3 +531,29 @@ def test_a_disk_without_room_for_the_output_is_refused_before_any_work(dense, tm
     line = one_error_line(output)
     assert code == 2 and "MiB free" in line and "choose another --out" in line
     assert not (tmp_path / "mod").exists() and not list(tmp_path.iterdir())
+
+
+def test_an_in_place_update_cleans_what_a_killed_one_left_and_nothing_else(mod, tmp_path):
+    folder = copy_tree(mod, tmp_path / "ckpt")
+    dead = folder / ".pmod-update.tmp-dead1"  # a killed run's scratch folder: marker, no live lock
+    dead.mkdir()
+    (dead / OUTPUT_MARKER).write_text("pmod-convert\n")
+    (dead / "model.safetensors").write_bytes(b"half")
+    foreign = folder / ".pmod-update.tmp-notours"  # same name shape, no marker: not ours
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with ck.update_in_place(folder) as tmp:
+        (tmp / "notes.md").write_text("new")
+    assert not dead.exists() and (foreign / "keep.txt").is_file()
+    assert (folder / "notes.md").read_text() == "new"
+    assert sorted(p.name for p in folder.glob(".pmod-update*")) == [foreign.name]
+
+
+def test_an_in_place_finetune_into_a_read_only_checkpoint_is_refused_before_training(mod, tmp_path, monkeypatch):
+    folder = copy_tree(mod, tmp_path / "ckpt")
+    real = os.access
+    monkeypatch.setattr(ck.os, "access", lambda p, mode: not (Path(p) == folder and mode & os.W_OK) and real(p, mode))
+    before = snapshot(folder)
+    code, output = run("finetune", folder, "--data", tmp_path / "missing.json")  # refused before the data is read
+    assert code == 2 and f"{folder} is read-only for this user" in one_error_line(output)
+    assert snapshot(folder) == before

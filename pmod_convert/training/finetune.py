@@ -19,7 +19,14 @@ import torch
 
 from ..adapters import get_adapter
 from ..api import check_trainable
-from ..checkpoint import atomic_folder, check_replaceable, copy_checkpoint_tree, read_config, require_safetensors
+from ..checkpoint import (
+    atomic_folder,
+    check_replaceable,
+    check_writable,
+    copy_checkpoint_tree,
+    read_config,
+    require_safetensors,
+)
 from ..errors import CheckpointError, DataError, RecipeError
 from ..sidecar import SIDECAR_DIR, has_sidecar, save_sidecar
 from .checkpoints import list_checkpoints
@@ -223,6 +230,8 @@ def _check_outputs(checkpoint: Path, out: Path | None, run_dir: Path, resume: bo
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
     if out is not None and overwrite:
         check_replaceable(out, protect=(checkpoint,))
+    if out is None:
+        check_writable(checkpoint / SIDECAR_DIR)  # the sidecar goes into the checkpoint folder
     if out is None and has_sidecar(checkpoint) and not overwrite:
         raise CheckpointError(f"{checkpoint} already has a finetune sidecar ({SIDECAR_DIR}/); pass --out to write "
                               "a finetuned copy elsewhere or --overwrite to replace it")
