@@ -96,3 +96,21 @@ def one_error_line(output: str) -> str:
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` by relative path, with its bytes (to prove nothing changed)."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """A tiny dense LLaVA checkpoint (4 decoder layers) saved with ``save_pretrained``."""
+    from pmod_convert.tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("dense")
+    save_tiny_checkpoint("llava", root / "llava", num_hidden_layers=4)
+    return root / "llava"
+
+
+@pytest.fixture(scope="module")
+def mod(dense, tmp_path_factory):
+    """``dense`` converted with routers at a constant ratio of 0.5 in every layer."""
+    from pmod_convert import convert
+
+    return convert(dense, tmp_path_factory.mktemp("mod") / "mod", CONSTANT)

@@ -13,7 +13,6 @@ from pmod_convert import checkpoint as ck
 from pmod_convert.checkpoint import OUTPUT_MARKER, atomic_folder, clean_stale, rename_no_replace, scratch_folder
 from pmod_convert.errors import CheckpointError, RecipeError
 from pmod_convert.export.manifest import MANIFEST_NAME, write_manifest
-from pmod_convert.tiny import save_tiny_checkpoint
 from pmod_convert.training import FinetuneSettings
 
 from conftest import CONSTANT, one_error_line, run, snapshot
@@ -26,18 +25,6 @@ def copy_tree(src: Path, dst: Path) -> Path:
         if f.is_file():
             (dst / f.name).write_bytes(f.read_bytes())
     return dst
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dense")
-    save_tiny_checkpoint("llava", root / "llava", num_hidden_layers=4)
-    return root / "llava"
-
-
-@pytest.fixture(scope="module")
-def mod(dense, tmp_path_factory):
-    return convert(dense, tmp_path_factory.mktemp("mod") / "mod", CONSTANT)
 
 
 def _edit_config(folder: Path, edit) -> Path:

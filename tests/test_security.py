@@ -17,7 +17,6 @@ from pmod_convert import convert, load_pretrained
 from pmod_convert.checkpoint import OUTPUT_MARKER, read_config
 from pmod_convert.data import SampleEncoder, read_samples
 from pmod_convert.errors import CheckpointError, DataError, UnsupportedArchitecture
-from pmod_convert.tiny import save_tiny_checkpoint
 from pmod_convert.training import checkpoints as ckpts
 
 from conftest import CONSTANT, one_error_line, run, snapshot
@@ -36,18 +35,6 @@ class Payload:
 
 def plant(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(Payload(marker)))
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dense")
-    save_tiny_checkpoint("llava", root / "llava", num_hidden_layers=4)
-    return root / "llava"
-
-
-@pytest.fixture(scope="module")
-def mod(dense, tmp_path_factory):
-    return convert(dense, tmp_path_factory.mktemp("mod") / "mod", CONSTANT)
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -271,11 +271,7 @@ def _calibrate_baseline(checkpoint: Path, data, image_folder, *, dest: Path, in_
                    "value": solution.value, "fastv_k": solution.k, "fastv_drop_rate": solution.drop_rate,
                    "pdrop_boundaries": solution.boundaries if method == "pdrop" else None,
                    "notes": solution.notes},
-        "estimate": {"flops_ratio": est.flops_ratio, "decoder_flops_ratio": est.decoder_flops_ratio,
-                     "kv_ratio": est.kv_ratio, "dense_prefill_flops": est.dense_prefill_flops,
-                     "mod_prefill_flops": est.mod_prefill_flops, "vision_flops": est.vision_flops,
-                     "dense_kv_bytes": est.dense_kv_bytes, "mod_kv_bytes": est.mod_kv_bytes,
-                     "num_mod_layers": est.num_mod_layers, "counted": est.counted},
+        "estimate": _estimate_dict(est),
         "layer_ratios": solution.ratios,
         "score_layers": solution.score_layers,
         "options": {"include_vision_tower": include_vision_tower, "samples": samples},
@@ -500,11 +496,7 @@ def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, so
                    "tolerance": tolerance, "reachable": list(solution.reachable), "parameter": solution.parameter,
                    "value": solution.value, "gap_filled_layers": solution.gap_filled_layers,
                    "sweep": solution.sweep},
-        "estimate": {"flops_ratio": est.flops_ratio, "decoder_flops_ratio": est.decoder_flops_ratio,
-                     "kv_ratio": est.kv_ratio, "dense_prefill_flops": est.dense_prefill_flops,
-                     "mod_prefill_flops": est.mod_prefill_flops, "vision_flops": est.vision_flops,
-                     "dense_kv_bytes": est.dense_kv_bytes, "mod_kv_bytes": est.mod_kv_bytes,
-                     "num_mod_layers": est.num_mod_layers, "counted": est.counted},
+        "estimate": _estimate_dict(est),
         "schedule": asdict(solution.settings),
         "layer_ratios": solution.ratios,
         "router": asdict(router),
@@ -518,3 +510,12 @@ def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, so
             "warm_start": warm,
         },
     }
+
+
+def _estimate_dict(est) -> dict:
+    """The report's ``estimate`` section (FLOPs and KV bytes of the dense and converted prefill)."""
+    return {"flops_ratio": est.flops_ratio, "decoder_flops_ratio": est.decoder_flops_ratio,
+            "kv_ratio": est.kv_ratio, "dense_prefill_flops": est.dense_prefill_flops,
+            "mod_prefill_flops": est.mod_prefill_flops, "vision_flops": est.vision_flops,
+            "dense_kv_bytes": est.dense_kv_bytes, "mod_kv_bytes": est.mod_kv_bytes,
+            "num_mod_layers": est.num_mod_layers, "counted": est.counted}
