@@ -24,7 +24,7 @@ def finetune_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing sidecar / --out / earlier run checkpoints.")] = False,
     val_data: Annotated[Path | None, typer.Option("--val-data", help="Held-out LLaVA-style rows to validate on (default: --val-fraction of --data).")] = None,
     val_image_folder: Annotated[Path | None, typer.Option("--val-image-folder", help="Images of --val-data (default: --image-folder).")] = None,
-    val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Share of the training rows held out for validation (0.05; at least --val-min rows).")] = None,
+    val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Share of the training rows held out for validation (0.1; at least --val-min rows).")] = None,
     val_min: Annotated[int | None, typer.Option("--val-min", help="Held-out rows at least (32).")] = None,
     eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="Validate every N optimizer steps (default: about 8 times a run).")] = None,
     select_by: Annotated[str | None, typer.Option("--select-by", help="kl (default): lowest KL to the dense model | accuracy: greedy accuracy, ties by agreement then KL.")] = None,

@@ -65,7 +65,7 @@ class FinetuneSettings:
     gradient_checkpointing: bool = False
 
     # Validation and model selection
-    val_fraction: float = 0.05  # share of the training rows held out when no val_data is given
+    val_fraction: float = 0.1  # share of the training rows held out when no val_data is given (measured: 5% too few)
     val_min: int = 32  # held-out rows at least (fewer rows than 2 * val_min: validate on training rows)
     val_max: int = 256  # held-out rows at most
     eval_steps: int | None = None  # validate every N optimizer steps (None: about 8 times per run)
