@@ -114,3 +114,12 @@ def mod(dense, tmp_path_factory):
     from pmod_convert import convert
 
     return convert(dense, tmp_path_factory.mktemp("mod") / "mod", CONSTANT)
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    """A copy of the files directly in ``src`` (no subfolders) into a new folder ``dst``."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst

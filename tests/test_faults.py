@@ -15,16 +15,7 @@ from pmod_convert.errors import CheckpointError, RecipeError
 from pmod_convert.export.manifest import MANIFEST_NAME, write_manifest
 from pmod_convert.training import FinetuneSettings
 
-from conftest import CONSTANT, one_error_line, run, snapshot
-
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file():
-            (dst / f.name).write_bytes(f.read_bytes())
-    return dst
+from conftest import CONSTANT, copy_tree, one_error_line, run, snapshot
 
 
 def _edit_config(folder: Path, edit) -> Path:

@@ -19,8 +19,7 @@ from pmod_convert.data import SampleEncoder, read_samples
 from pmod_convert.errors import CheckpointError, DataError, UnsupportedArchitecture
 from pmod_convert.training import checkpoints as ckpts
 
-from conftest import CONSTANT, one_error_line, run, snapshot
-
+from conftest import CONSTANT, copy_tree, one_error_line, run, snapshot
 
 
 class Payload:
@@ -35,14 +34,6 @@ class Payload:
 
 def plant(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(Payload(marker)))
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file():
-            (dst / f.name).write_bytes(f.read_bytes())
-    return dst
 
 
 def write_images(root: Path, n: int = 4) -> tuple[Path, Path]:
