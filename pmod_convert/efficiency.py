@@ -53,6 +53,9 @@ __all__ = [
     "format_estimate",
     "COUNTED_DECODER",
     "COUNTED_WITH_VISION",
+    "COUNTED_PAPER",
+    "CONVENTIONS",
+    "PAPER_TEXT_TOKENS",
 ]
 
 COUNTED_DECODER = (
@@ -63,6 +66,19 @@ COUNTED_WITH_VISION = (
     "decoder layers (attention + MLP linears, exact causal attention pairs) plus a rough vision-tower "
     "estimate added identically to dense and MoD; embeddings, lm_head, norms, softmax, routers and the "
     "projector excluded"
+)
+
+# Cost conventions. "exact": the count above (decoder layers, exact causal attention pairs). "paper": the
+# convention that reproduces the p-MoD paper's TFLOPs (arXiv 2412.04449, LLaVA-1.5-7B 8.38 -> 4.92 and
+# LLaVA-NeXT-7B 39.46 -> 21.94 TFLOPs, KV 53.8%): decoder linears only (no quadratic attention term), plus
+# lm_head on every prompt position (dense and MoD alike), KV cache counted over the vision tokens only,
+# about 58 text tokens per prompt. See docs/costs.md for the derivation.
+CONVENTIONS = ("exact", "paper")
+PAPER_TEXT_TOKENS = 58
+COUNTED_PAPER = (
+    "paper convention (p-MoD, arXiv 2412.04449): decoder attention + MLP linears (no attention-score term) plus "
+    "lm_head on every prompt position, added to dense and MoD alike; KV cache over vision tokens only; "
+    "embeddings, norms, softmax, routers and vision tower excluded"
 )
 
 # Assumed size of "one typical image" for Qwen2-VL / Qwen2.5-VL (dynamic resolution: the count
@@ -342,6 +358,8 @@ class Estimate:
     num_mod_layers: int = 0
     shape: dict[str, Any] = field(default_factory=dict)
     counted: str = COUNTED_DECODER
+    convention: str = "exact"  # one of CONVENTIONS
+    head_flops: float = 0.0  # lm_head FLOPs on every prompt position (paper convention; else 0), in both totals
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (numbers, strings, None, lists and dicts only)."""
@@ -372,6 +390,7 @@ def estimate(
     batch: int = 1,
     bytes_per_element: int | float = 2,
     vision_flops: float | Sequence[float] = 0.0,
+    convention: str = "exact",
 ) -> Estimate:
     """Dense vs MoD prefill FLOPs, KV-cache bytes and (``new_tokens`` > 0) decode FLOPs.
 
@@ -384,7 +403,20 @@ def estimate(
     identically to dense and MoD prefill (pass ``vision_tower_flops(config, images)`` when the
     caller asks to include the vision tower); 0 leaves it out.
     See the module docstring for what is counted and the causal convention.
+
+    ``convention``: ``"exact"`` (the default, above) or ``"paper"``, the p-MoD paper's count: each layer costs
+    ``linear_flops`` of the tokens it processes (no attention-score term), ``lm_head`` (``2 * hidden * vocab``
+    FLOPs per prompt position) is added to both totals as ``head_flops``, and the KV cache holds only the vision
+    tokens (text tokens cached by every layer are left out of both sides). Prefill only (``new_tokens`` must be
+    0). Raises ``RecipeError`` for an unknown convention, or ``"paper"`` without ``shape.vocab``.
     """
+    if convention not in CONVENTIONS:
+        raise RecipeError(f"unknown cost convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+    paper = convention == "paper"
+    if paper and new_tokens:
+        raise RecipeError("the paper convention counts the prefill only; use the exact convention for decode steps")
+    if paper and shape.vocab < 1:
+        raise RecipeError("the paper convention counts lm_head and needs the config's vocab_size")
     if len(ratios) != shape.num_layers:
         raise RecipeError(f"got {len(ratios)} layer ratios for a model with {shape.num_layers} decoder layers")
     for i, r in enumerate(ratios):
@@ -427,15 +459,20 @@ def estimate(
             row.dense_tokens += n_dense
             row.prefill_tokens += n_mod
             row.cached_tokens += n_mod
-            row.dense_flops += layer_cost(shape, n_dense, n_dense, causal=True)
-            row.mod_flops += layer_cost(shape, n_mod, n_mod, causal=True)
+            if paper:  # linears only (no attention-score term)
+                row.dense_flops += linear_flops(shape, n_dense)
+                row.mod_flops += linear_flops(shape, n_mod)
+            else:
+                row.dense_flops += layer_cost(shape, n_dense, n_dense, causal=True)
+                row.mod_flops += layer_cost(shape, n_mod, n_mod, causal=True)
             row.dense_decode_flops += _decode_flops(shape, n_dense, new_tokens)
             row.mod_decode_flops += _decode_flops(shape, n_mod, new_tokens)
         for name in ("prefill_tokens", "cached_tokens", "dense_tokens", "dense_flops", "mod_flops",
                      "dense_decode_flops", "mod_decode_flops"):
             setattr(row, name, getattr(row, name) * batch)
-        row.dense_kv_bytes = kv_bytes(shape, row.dense_tokens, bytes_per_element)
-        row.mod_kv_bytes = kv_bytes(shape, row.cached_tokens, bytes_per_element)
+        cached_text = sum(txt) * batch if paper else 0
+        row.dense_kv_bytes = kv_bytes(shape, row.dense_tokens - cached_text, bytes_per_element)
+        row.mod_kv_bytes = kv_bytes(shape, row.cached_tokens - cached_text, bytes_per_element)
         rows.append(row)
 
     dense_dec = sum(r.dense_flops for r in rows)
@@ -447,6 +484,8 @@ def estimate(
     extra_kv = shape.num_layers * kv_bytes(shape, generated, bytes_per_element)
     dense_decode = sum(r.dense_decode_flops for r in rows)
     mod_decode = sum(r.mod_decode_flops for r in rows)
+    head = 2 * shape.hidden * shape.vocab * (sum(vis) + sum(txt)) * batch if paper else 0
+    vision_total += head  # in both prefill totals (reported apart as head_flops; vision_flops is the tower's)
     return Estimate(
         layers=rows,
         samples=samples,
@@ -457,7 +496,7 @@ def estimate(
         bytes_per_element=bytes_per_element,
         dense_decoder_flops=dense_dec,
         mod_decoder_flops=mod_dec,
-        vision_flops=vision_total,
+        vision_flops=vision_total - head,
         dense_prefill_flops=dense_dec + vision_total,
         mod_prefill_flops=mod_dec + vision_total,
         flops_ratio=_ratio(mod_dec + vision_total, dense_dec + vision_total),
@@ -472,7 +511,9 @@ def estimate(
         mod_kv_bytes_final=mod_kv + extra_kv,
         num_mod_layers=sum(1 for r in ratios if r is not None),
         shape=asdict(shape),
-        counted=COUNTED_WITH_VISION if vision_total > 0 else COUNTED_DECODER,
+        counted=COUNTED_PAPER if paper else COUNTED_WITH_VISION if vision_total > 0 else COUNTED_DECODER,
+        convention=convention,
+        head_flops=head,
     )
 
 
@@ -771,12 +812,16 @@ def format_estimate(est: Estimate) -> str:
     )
     if est.vision_flops:
         lines.append(f"vision tower (added to both): {_flops_str(est.vision_flops)}")
+    if est.head_flops:
+        lines.append(f"lm_head on every prompt position (added to both): {_flops_str(est.head_flops)}")
+    if est.vision_flops or est.head_flops:
         lines.append(
             f"prefill total FLOPs: MoD {_flops_str(est.mod_prefill_flops)} / dense {_flops_str(est.dense_prefill_flops)}"
             f" = {_pct(est.mod_prefill_flops, est.dense_prefill_flops)}"
         )
     lines.append(
-        f"KV cache after prefill ({est.bytes_per_element} B/elem): MoD {_bytes_str(est.mod_kv_bytes)} / dense "
+        f"KV cache after prefill{' (vision tokens only)' if est.convention == 'paper' else ''} "
+        f"({est.bytes_per_element} B/elem): MoD {_bytes_str(est.mod_kv_bytes)} / dense "
         f"{_bytes_str(est.dense_kv_bytes)} = {_pct(est.mod_kv_bytes, est.dense_kv_bytes)}"
     )
     if est.new_tokens > 0:
@@ -788,5 +833,5 @@ def format_estimate(est: Estimate) -> str:
             f"KV cache after decode: MoD {_bytes_str(est.mod_kv_bytes_final)} / dense "
             f"{_bytes_str(est.dense_kv_bytes_final)} = {_pct(est.mod_kv_bytes_final, est.dense_kv_bytes_final)}"
         )
-    lines.append(f"counted: {est.counted}")
+    lines.append(f"convention: {est.convention}; counted: {est.counted}")
     return "\n".join(lines)

@@ -48,9 +48,11 @@ class Workload:
     n_vision: list[int]
     n_text: list[int]
     vision_flops: list[float] | float = 0.0  # per sample, added to dense and MoD alike (0: decoder only)
+    convention: str = "exact"  # efficiency.CONVENTIONS: "paper" budgets in the p-MoD paper's count
 
     def estimate(self, ratios: Sequence[float | None]) -> Estimate:
-        return estimate(self.shape, list(ratios), self.n_vision, self.n_text, vision_flops=self.vision_flops)
+        return estimate(self.shape, list(ratios), self.n_vision, self.n_text, vision_flops=self.vision_flops,
+                        convention=self.convention)
 
     def metric(self, ratios: Sequence[float | None], metric: str) -> float:
         est = self.estimate(ratios)
