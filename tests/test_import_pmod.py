@@ -326,3 +326,47 @@ def test_import_cli_and_refusals(tmp_path):
     torch.save({"lm_head.weight": torch.zeros(1)}, pickled / "pytorch_model.bin")
     code, output = run("import-pmod", pickled, "--out", tmp_path / "o3")
     assert code != 0 and "--allow-pickle" in one_error_line(output)
+
+
+def _processor_folder(folder, image_id):
+    """A transformers LlavaProcessor whose word-level tokenizer puts <image> at ``image_id`` (the llava-hf layout
+    puts it right after the original vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab.update({"<image>": image_id, "<pad>": image_id + 1 if image_id == VOCAB else VOCAB})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="<pad>", bos_token="w1",
+                                        eos_token="w2", extra_special_tokens={"image_token": "<image>"})
+    image = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    LlavaProcessor(image_processor=image, tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, image_token="<image>").save_pretrained(folder)
+    return folder
+
+
+def test_import_with_a_processor(tmp_path):
+    """--processor copies a processor for the same tokenizer; the imported checkpoint then runs from text + image
+    like any transformers LLaVA checkpoint (the processor expands <image> to the 16 feature positions)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    source, _, _ = write_original(tmp_path, "llava")
+    wrong = _processor_folder(tmp_path / "proc-wrong", VOCAB + 1)
+    code, output = run("import-pmod", source, "--out", tmp_path / "o1", "--processor", wrong)
+    assert code != 0 and "puts <image> at id 61" in one_error_line(output)
+    assert not (tmp_path / "o1").exists()
+    proc = _processor_folder(tmp_path / "proc", VOCAB)
+    code, output = run("import-pmod", source, "--out", tmp_path / "out", "--processor", proc)
+    assert code == 0, output
+    assert "no processor written" not in output
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    inputs = processor(images=Image.new("RGB", (40, 30), (200, 10, 10)), text="w1 w5 <image> w7 w9",
+                       return_tensors="pt")
+    assert int((inputs["input_ids"] == VOCAB).sum()) == SIDE * SIDE
+    model = load_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert int(out[0, -3:].max()) < VOCAB  # the ids added for <image> / <pad> are never generated
