@@ -129,7 +129,6 @@ def answer_samples(model: nn.Module, encoder: SampleEncoder, samples: list, *, b
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     vision_ids = torch.tensor(sorted(encoder.vision_ids))
     records, counts, generated, skipped = [], [], 0, 0
     bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress, leave=False)
@@ -148,14 +147,8 @@ def answer_samples(model: nn.Module, encoder: SampleEncoder, samples: list, *, b
             bar.update(len(samples[first:first + batch_size]) - len(chunk))
             if not chunk:
                 continue
-            batch = collate([e[0] for e in encoded], encoder.pad_token_id, padding_side="left")
-            batch = to_device(batch, device)
-            with torch.no_grad():
-                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=encoder.pad_token_id)
-            new = output[:, batch["input_ids"].shape[1]:].cpu()
-            for sample, (inputs, reference), tokens in zip(chunk, encoded, new):
-                answer = _until_eos(tokens, encoder)
+            answers = generate_batch(model, encoder, [e[0] for e in encoded], max_new_tokens=max_new_tokens)
+            for sample, (inputs, reference), answer in zip(chunk, encoded, answers):
                 prediction = encoder.decode(answer)
                 correct, kind = is_correct(prediction, reference)
                 n_vision = int(torch.isin(inputs["input_ids"][0], vision_ids).sum())
@@ -171,6 +164,24 @@ def answer_samples(model: nn.Module, encoder: SampleEncoder, samples: list, *, b
         bar.close()
         model.train(was_training)
     return Answers(records=records, counts=counts, generated_tokens=generated, skipped=skipped)
+
+
+def generate_batch(model: nn.Module, encoder: SampleEncoder, inputs: list[dict[str, torch.Tensor]], *,
+                   max_new_tokens: int = 16, **generate_kwargs: Any) -> list[list[int]]:
+    """The answers of ``model`` to prompts encoded one by one (each ``input_ids`` of shape ``[1, n]``), generated
+    together in one left-padded batch: per prompt, the new token ids up to (without) the first end-of-turn, EOS
+    or pad token. Greedy unless ``generate_kwargs`` says otherwise (passed to ``model.generate``).
+
+    Used by ``eval``, finetune's validation and the lmms-eval model, so every caller decodes the same way.
+    """
+    device = next(model.parameters()).device
+    batch = to_device(collate(inputs, encoder.pad_token_id, padding_side="left"), device)
+    generate_kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=encoder.pad_token_id,
+                                **generate_kwargs)
+    new = output[:, batch["input_ids"].shape[1]:].cpu()
+    return [_until_eos(tokens, encoder) for tokens in new]
 
 
 def write(summary: EvalSummary, out: str | Path, overwrite: bool = False) -> Path:

@@ -1,0 +1,199 @@
+"""The lmms-eval ``pmod`` model, run as users run it, offline, against ``pmod-convert eval`` on the same questions.
+
+``LMMS_EVAL_PLUGINS=pmod_convert python -m lmms_eval --model pmod ...`` runs as a subprocess on two local tasks
+(a YAML file over a parquet file this test writes; no hub): open questions (``generate_until``) and multiple
+choice (``loglikelihood``), for a tiny dense and a tiny MoD checkpoint. The answers, per-question scores and
+accuracy must equal ``pmod-convert eval``'s; the multiple-choice options hold each model's own first greedy
+answer word, so the option lmms-eval picks from our loglikelihoods is known from ``eval``'s generations; the
+efficiency ratios in lmms-eval's results equal ``eval``'s estimate on the same prompts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e '.[lmms]'); the pmod lmms-eval "
+                                        "model cannot be tested without it")
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = 6
+DISTRACTORS = ["w90", "w91", "w92", "w93"]
+
+TASK_UTILS = '''
+from pmod_convert.evaluation import is_correct
+
+
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+
+
+def doc_to_choice(doc):
+    return list(doc["choices"])
+
+
+def process_results(doc, results):
+    return {"exact_match": float(is_correct(results[0], doc["answer"])[0])}
+'''
+
+TASK_QA = '''
+task: pmod_local_qa
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 16
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+'''
+
+TASK_MC = '''
+task: pmod_local_mc
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_choice: !function utils.doc_to_choice
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+'''
+
+
+def first_word(text):
+    return text.split()[0] if text.split() else None
+
+
+@pytest.fixture(scope="module")
+def setup(dense, mod, tmp_path_factory):
+    import datasets
+    from PIL import Image
+
+    from pmod_convert.evaluation import evaluate
+
+    root = tmp_path_factory.mktemp("lmms")
+    (root / "img").mkdir()
+    for i in range(ROWS):
+        Image.new("RGB", (48, 48), (40 * i, 255 - 40 * i, 90)).save(root / "img" / f"{i}.png")
+    rows = [{"id": f"q{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": f"<image>\nw{40 + i} w60"}, {"from": "gpt", "value": "w99"}]} for i in range(ROWS)]
+    (root / "q.json").write_text(json.dumps(rows))
+    # References: the dense model's own answer on even rows (right), something else on odd rows (wrong).
+    first = evaluate(dense, root / "q.json", root / "img", progress=False, device="cpu")
+    for row, record in zip(rows, first.predictions):
+        row["conversations"][1]["value"] = record["prediction"] + ("" if int(row["id"][1:]) % 2 == 0 else " w99")
+    (root / "q.json").write_text(json.dumps(rows))
+
+    evals = {}
+    for name, checkpoint in (("dense", dense), ("mod", mod)):
+        code, output = run("eval", checkpoint, "--data", root / "q.json", "--image-folder", root / "img",
+                           "--out", root / f"eval-{name}", "--device", "cpu", "--batch-size", 4)
+        assert code == 0, output
+        evals[name] = {
+            "summary": json.loads((root / f"eval-{name}" / "summary.json").read_text()),
+            "predictions": [json.loads(line) for line in (root / f"eval-{name}" / "predictions.jsonl").read_text().splitlines()],
+        }
+
+    # Multiple choice: each model's first greedy answer word is an option; the dense one is the label.
+    choices, labels = [], []
+    for i in range(ROWS):
+        options = []
+        for name in ("dense", "mod"):
+            word = first_word(evals[name]["predictions"][i]["prediction"])
+            if word is not None and word not in options:
+                options.append(word)
+        options += [d for d in DISTRACTORS if d not in options][:4 - len(options)]
+        choices.append(options)
+        dense_word = first_word(evals["dense"]["predictions"][i]["prediction"])
+        labels.append(options.index(dense_word) if dense_word is not None else 0)
+    table = datasets.Dataset.from_dict({
+        "id": [r["id"] for r in rows], "image": [str(root / "img" / r["image"]) for r in rows],
+        "question": [f"w{40 + i} w60" for i in range(ROWS)],
+        "answer": [r["conversations"][1]["value"] for r in rows], "choices": choices, "label": labels,
+    }).cast_column("image", datasets.Image())
+    table.to_parquet(str(root / "questions.parquet"))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(TASK_UTILS)
+    (tasks / "pmod_local_qa.yaml").write_text(TASK_QA.format(data=root / "questions.parquet"))
+    (tasks / "pmod_local_mc.yaml").write_text(TASK_MC.format(data=root / "questions.parquet"))
+    return root, evals, choices
+
+
+def lmms_eval_run(checkpoint, root, name):
+    out = root / f"lmms-{name}"
+    env = {**os.environ, "LMMS_EVAL_PLUGINS": "pmod_convert", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(root / "hf"), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "pmod", "--model_args", f"pretrained={checkpoint},device=cpu",
+           "--tasks", "pmod_local_qa,pmod_local_mc", "--include_path", str(root / "tasks"), "--batch_size", "4",
+           "--output_path", str(out), "--log_samples"]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(next(out.rglob("*_results.json")).read_text())
+    samples = {task: sorted((json.loads(line) for line in next(out.rglob(f"*_samples_{task}.jsonl")).read_text().splitlines()),
+                            key=lambda s: s["doc_id"]) for task in ("pmod_local_qa", "pmod_local_mc")}
+    return results, samples, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", ["dense", "mod"])
+def test_lmms_eval_pmod_model_agrees_with_eval(setup, dense, mod, name):
+    root, evals, choices = setup
+    checkpoint = {"dense": dense, "mod": mod}[name]
+    results, samples, output = lmms_eval_run(checkpoint, root, name)
+    reference = evals[name]
+
+    # Open questions: the same answers, the same per-question scores, the same accuracy as `pmod-convert eval`.
+    qa = samples["pmod_local_qa"]
+    assert [s["filtered_resps"] for s in qa] == [p["prediction"] for p in reference["predictions"]]
+    assert [bool(s["exact_match"]) for s in qa] == [p["correct"] for p in reference["predictions"]]
+    assert results["results"]["pmod_local_qa"]["exact_match,none"] == pytest.approx(reference["summary"]["accuracy"])
+    assert 0 < reference["summary"]["accuracy"] < 1  # the check can fail both ways
+
+    # Multiple choice from our loglikelihoods: the option picked is the model's own first greedy word.
+    mc = samples["pmod_local_mc"]
+    answered = 0
+    for i, sample in enumerate(mc):
+        word = first_word(reference["predictions"][i]["prediction"])
+        if word is None:  # the model's first token ends the answer: no option is known to win
+            continue
+        answered += 1
+        # lmms-eval's sample log writes each (loss, is_greedy) pair as strings
+        losses = [float(pair[0]) for pair in sample["filtered_resps"]]
+        greedy = [str(pair[1]) == "True" for pair in sample["filtered_resps"]]
+        picked = choices[i][losses.index(min(losses))]
+        assert picked == word, (i, losses, choices[i])
+        assert greedy == [c == word for c in choices[i]], (i, greedy, choices[i])
+        dense_word = first_word(evals["dense"]["predictions"][i]["prediction"])
+        assert sample["acc"] == float(word == dense_word)
+    assert answered >= 2
+
+    # The efficiency summary: eval's estimate on the same prompts; dense is 100%.
+    throughput = results["throughput"]
+    ratio = throughput["avg_pmod_decoder_flops_ratio_pmod_local_qa"]
+    assert ratio == pytest.approx(reference["summary"]["decoder_flops_ratio"], rel=1e-9)
+    assert throughput["avg_pmod_kv_ratio_pmod_local_qa"] == pytest.approx(reference["summary"]["kv_ratio"], rel=1e-9)
+    assert (ratio == 1.0) == (name == "dense")
+    assert "pmod_local_qa: 6 prompts" in output and "estimated decoder FLOPs" in output
