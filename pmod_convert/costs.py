@@ -186,7 +186,7 @@ def effective_routers(folder: str | Path) -> RouterView:
     """
     from safetensors.torch import load_file
 
-    from .sidecar import ROUTERS_FILE, SIDECAR_DIR, has_sidecar
+    from .sidecar import ROUTERS_FILE, SIDECAR_DIR, SIDECAR_FILE, has_sidecar
 
     folder = Path(folder)
     if has_sidecar(folder):
@@ -196,6 +196,12 @@ def effective_routers(folder: str | Path) -> RouterView:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path} cannot be read ({exc}); the adapter sidecar is corrupt") from None
         tensors = {router_key(k): v for k, v in state.items() if router_key(k) is not None}
+        try:
+            lora = bool(json.loads((folder / SIDECAR_DIR / SIDECAR_FILE).read_text()).get("lora"))
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            raise CheckpointError(f"{folder / SIDECAR_DIR / SIDECAR_FILE} cannot be read; the adapter sidecar is "
+                                  "corrupt") from None
+        extra = f"; its LoRA adapter ({SIDECAR_DIR}/) is applied on load too" if lora else ""
         return RouterView(tensors, f"finetuned: {SIDECAR_DIR}/{ROUTERS_FILE} (replaces the routers stored with the "
-                                   "weights, as load_pretrained does)", True)
+                                   f"weights, as load_pretrained does){extra}", True)
     return RouterView(read_routers(folder), "stored with the weights (no finetune sidecar)", False)
