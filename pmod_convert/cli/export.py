@@ -16,7 +16,12 @@ from .common import AllowPickleOpt, DeviceOpt, DtypeOpt, app, console, one_line_
 def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A pmod-convert checkpoint folder (its LoRA sidecar is merged).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist unless --overwrite).")],
-    quantize: Annotated[str, typer.Option("--quantize", "-q", help="none | int8 | nf4 | fp4 (bitsandbytes).")],
+    quantize: Annotated[Optional[str], typer.Option(
+        "--quantize", "-q", help="none | int8 | nf4 | fp4 (bitsandbytes); required unless --dense.")] = None,
+    dense: Annotated[bool, typer.Option(
+        "--dense", help="Write a plain dense folder for serving engines (vLLM, SGLang, ...): LoRA merged, routers "
+                        "and the config's pmod section removed. It runs every token through every layer: the MoD "
+                        "savings are lost.")] = False,
     double_quant: Annotated[bool, typer.Option("--double-quant", help="nf4/fp4: also quantize the block scales.")] = False,
     compute_dtype: Annotated[Optional[str], typer.Option(
         "--compute-dtype", help="nf4/fp4: float32 | float16 | bfloat16 for the 4-bit matmuls (default float32).")] = None,
@@ -27,9 +32,24 @@ def export_cmd(
         "--overwrite", help="Replace OUT if it is an earlier pmod-convert output (never the checkpoint).")] = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Merge the finetune sidecar, quantize the language model with bitsandbytes and write a checked folder."""
-    from ..export import export, parse_skip_modules
+    """Merge the finetune sidecar, quantize the language model with bitsandbytes and write a checked folder
+    (or, with --dense, a plain dense folder for serving engines)."""
+    from ..errors import RecipeError
+    from ..export import export, export_dense, parse_skip_modules
 
+    if dense:
+        if quantize not in (None, "none") or double_quant or compute_dtype or skip_modules:
+            raise RecipeError("--dense writes an unquantized plain folder; drop --quantize/--double-quant/"
+                              "--compute-dtype/--skip-modules (or drop --dense)")
+        result = export_dense(checkpoint, out, overwrite=overwrite, allow_pickle=allow_pickle)
+        console.print(f"wrote {out}: dense, {result.router_tensors_removed} router tensors and the pmod section "
+                      f"removed{', LoRA merged' if result.lora_merged else ''}; {result.weight_bytes / 2**20:.2f} MiB "
+                      f"of weights; logits equal the MoD model with routing off (max diff "
+                      f"{result.max_abs_logit_diff:.2g}). Engines run it dense: the MoD savings are lost.",
+                      highlight=False)
+        return
+    if quantize is None:
+        raise RecipeError("give --quantize none|int8|nf4|fp4 (or --dense for a plain dense folder)")
     report = export(checkpoint, out, quantize=quantize, double_quant=double_quant, compute_dtype=compute_dtype,
                     skip_modules=parse_skip_modules(skip_modules), overwrite=overwrite, allow_pickle=allow_pickle)
     out_console.print(report.table())

@@ -8,8 +8,12 @@ Layout of an exported folder::
     OUT/export_report.json|png    bytes on disk and logit deviation vs the unquantized MoD model
     OUT/pmod_manifest.json        name, size, sha256 of every file (checked by load_pretrained)
     OUT/<processor/tokenizer files>
+
+``export --dense`` (:func:`export_dense`) writes a plain dense transformers folder instead: LoRA merged, routers
+and the ``pmod`` config section removed, nothing else of the toolkit's (for serving engines).
 """
 
+from .dense import DenseExport, export_dense, load_plain, strip_routers
 from .generate import Generation, generate_answer
 from .manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from .pipeline import SETTINGS_FILE, export, merge_lora
@@ -18,7 +22,8 @@ from .retention import LayerRetention, RetentionRecorder
 from .settings import COMPUTE_DTYPES, QUANT_MODES, ExportSettings, parse_skip_modules
 
 __all__ = [
-    "COMPUTE_DTYPES", "MANIFEST_NAME", "QUANT_MODES", "REPORT_JSON", "REPORT_PNG", "SETTINGS_FILE", "ExportReport",
-    "ExportSettings", "Generation", "LayerRetention", "RetentionRecorder", "export", "generate_answer", "merge_lora",
-    "parse_skip_modules", "verify_manifest", "write_manifest",
+    "COMPUTE_DTYPES", "DenseExport", "MANIFEST_NAME", "QUANT_MODES", "REPORT_JSON", "REPORT_PNG", "SETTINGS_FILE", "ExportReport",
+    "ExportSettings", "Generation", "LayerRetention", "RetentionRecorder", "export", "export_dense", "generate_answer", "load_plain",
+    "merge_lora",
+    "parse_skip_modules", "strip_routers", "verify_manifest", "write_manifest",
 ]
