@@ -9,12 +9,13 @@ packing with ``image_newline``, Llama decoder layers, and the MoD layer (top-k b
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import one_error_line, run, snapshot
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pmod_convert import load_pretrained
 from pmod_convert.api import mod_layers
@@ -256,6 +257,11 @@ def test_imported_model_matches_the_original_math(family, tmp_path):
     assert stored["pmod"]["layer_ratios"] == schedule_ratios(config["mod_target_layers"], LAYERS,
                                                              config["mod_router_factor"])
     assert stored["pmod"]["router"]["tanh_alpha"] == parse_weight_norm(config["mod_weight_norm"]).tanh_alpha
+    _check_against_reference(model, sd, config, family)
+
+
+def _check_against_reference(model, sd, config, family):
+    """Every decoder layer's output and the logits of ``model`` equal the reference on one or two images."""
     gen = torch.Generator().manual_seed(1)
     samples = []
     if family == "llava":
@@ -370,3 +376,24 @@ def test_import_with_a_processor(tmp_path):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     assert int(out[0, -3:].max()) < VOCAB  # the ids added for <image> / <pad> are never generated
+
+
+def test_import_with_a_separate_vision_tower(tmp_path):
+    """A checkpoint saved without its CLIP tower (the original code loads it from mm_vision_tower) imports with
+    --vision-tower pointing at a transformers CLIP checkpoint, and still matches the original math."""
+    source, sd, config = write_original(tmp_path, "llava")
+    tower = tmp_path / "clip-checkpoint"
+    tower.mkdir()
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    save_file({"vision_model." + k[len(prefix):]: v.contiguous() for k, v in sd.items() if k.startswith(prefix)},
+              str(tower / "model.safetensors"), metadata={"format": "pt"})
+    (tower / "config.json").write_text((Path(config["mm_vision_tower"]) / "config.json").read_text())
+    for shard in source.glob("*.safetensors"):  # the checkpoint without its tower
+        kept = {k: v for k, v in load_file(str(shard)).items() if not k.startswith(prefix)}
+        save_file(kept, str(shard), metadata={"format": "pt"})
+    code, output = run("import-pmod", source, "--out", tmp_path / "no-tower")
+    assert code != 0 and "pass --vision-tower" in one_error_line(output)
+    code, output = run("import-pmod", source, "--out", tmp_path / "out", "--vision-tower", tower)
+    assert code == 0, output
+    _check_against_reference(load_pretrained(tmp_path / "out"), sd, config, "llava")
+

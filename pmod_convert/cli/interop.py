@@ -19,6 +19,9 @@ def import_pmod_cmd(
     vision_config: Annotated[Optional[Path], typer.Option(
         "--vision-config", help="CLIP vision config.json (or its folder) when mm_vision_tower is neither a local "
                                 "folder nor openai/clip-vit-large-patch14(-336).")] = None,
+    vision_tower: Annotated[Optional[Path], typer.Option(
+        "--vision-tower", help="Local transformers CLIP checkpoint (e.g. openai/clip-vit-large-patch14-336) for a "
+                               "p-MoD checkpoint saved without its vision tower.")] = None,
     processor: Annotated[Optional[Path], typer.Option(
         "--processor", help="Local transformers LLaVA / LLaVA-NeXT processor folder for the same tokenizer "
                             "(e.g. llava-hf/llava-v1.6-vicuna-7b-hf) to copy into OUT.")] = None,
@@ -31,7 +34,8 @@ def import_pmod_cmd(
     from ..interop import import_pmod
 
     with console.status(f"importing {source} ..."):
-        result = import_pmod(source, out, vision_config=vision_config, processor=processor, overwrite=overwrite,
+        result = import_pmod(source, out, vision_config=vision_config, vision_tower=vision_tower, processor=processor,
+                             overwrite=overwrite,
                              allow_pickle=allow_pickle)
     mod = [(i, r) for i, r in enumerate(result.ratios) if r is not None]
     console.print(f"wrote {result.path} ({result.family}): {len(mod)} of {len(result.ratios)} decoder layers are MoD "

@@ -76,6 +76,7 @@ KNOWN_TOWERS: dict[str, dict[str, Any]] = {
 TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta", "attention_bias",
                "attention_dropout", "mlp_bias", "bos_token_id", "eos_token_id", "initializer_range", "head_dim")
+TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|position_ids)$")
 
 
@@ -203,14 +204,14 @@ def _vision_config(config: dict, source: Path, vision_config: str | Path | None)
 
 def _check_vision_shapes(vision: dict, shapes: dict[str, tuple], where: str) -> None:
     """The vision config must match the stored CLIP weights (a wrong config would load and run wrongly)."""
-    prefix = "model.vision_tower.vision_tower.vision_model."
+    prefix = TOWER_PREFIX
     patch = shapes.get(prefix + "embeddings.patch_embedding.weight")
     positions = shapes.get(prefix + "embeddings.position_embedding.weight")
     fc1 = shapes.get(prefix + "encoder.layers.0.mlp.fc1.weight")
     layers = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
     if patch is None or positions is None or fc1 is None:
         raise CheckpointError("the checkpoint holds no CLIP vision tower weights (model.vision_tower.vision_tower."
-                              "vision_model.*); only checkpoints saved with their vision tower can be imported")
+                              "vision_model.*); pass --vision-tower with the local CLIP checkpoint it was trained with")
     side = int(vision.get("image_size", 224)) // int(vision.get("patch_size", 32))
     found = {"hidden_size": patch[0], "patch_size": patch[-1], "image_size": (math.isqrt(positions[0] - 1)) * patch[-1],
              "intermediate_size": fc1[0], "num_hidden_layers": len(layers)}
@@ -350,14 +351,17 @@ def _extend_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 # ---- the import -------------------------------------------------------------------------------------------
 def import_pmod(source: str | Path, out: str | Path, *, vision_config: str | Path | None = None,
-                processor: str | Path | None = None, overwrite: bool = False,
+                vision_tower: str | Path | None = None, processor: str | Path | None = None, overwrite: bool = False,
                 allow_pickle: bool = False) -> ImportResult:
     """Convert a p-MoD checkpoint in the original LLaVA layout (``model_type: pmod_llava_llama``) into a
     pmod-convert checkpoint that ``load_pretrained`` runs with the same per-layer ratios and TanhNorm routers.
 
     ``source``: the folder (config.json + safetensors; pickle weights only with ``allow_pickle``, read with
     ``weights_only``). ``vision_config``: a CLIP (vision) config.json or its folder, needed when
-    ``mm_vision_tower`` is neither a local folder nor a known tower. ``processor``: a local folder with a
+    ``mm_vision_tower`` is neither a local folder nor a known tower. ``vision_tower``: a local CLIP checkpoint
+    folder (transformers layout, ``vision_model.*`` keys in safetensors, e.g. openai/clip-vit-large-patch14-336)
+    for a checkpoint saved without its tower, as the original code loads it from ``mm_vision_tower``; its
+    config.json is the vision config unless ``vision_config`` is given. ``processor``: a local folder with a
     transformers LLaVA / LLaVA-NeXT processor for the same tokenizer (e.g. llava-hf/llava-1.5-7b-hf or
     llava-v1.6-vicuna-7b-hf): its files are copied after checking that its ``<image>`` token has the imported
     image id; without it the output has no processor (``load_pretrained`` works; eval / generate need one).
@@ -402,6 +406,19 @@ def import_pmod(source: str | Path, out: str | Path, *, vision_config: str | Pat
     router.validate()
     files = _weight_files(source, allow_pickle)
     shapes = _shapes(files)
+    tower_files: list[Path] = []
+    if vision_tower is not None:
+        if any(k.startswith(TOWER_PREFIX) for k in shapes):
+            raise CheckpointError(f"{source} holds its own vision tower weights; drop --vision-tower")
+        tower_files = _weight_files(Path(vision_tower), allow_pickle)
+        tower = {TOWER_PREFIX + k[len("vision_model."):]: v for k, v in _shapes(tower_files).items()
+                 if k.startswith("vision_model.")}
+        if not tower:
+            raise CheckpointError(f"--vision-tower {vision_tower} holds no vision_model.* weights (a transformers "
+                                  "CLIP checkpoint)")
+        shapes.update(tower)
+        if vision_config is None:
+            vision_config = vision_tower
     vision, vision_from = _vision_config(config, source, vision_config)
     _check_vision_shapes(vision, shapes, vision_from)
     hf_config, image_id, pad_id = _hf_config(config, family, vision)
@@ -460,10 +477,14 @@ def import_pmod(source: str | Path, out: str | Path, *, vision_config: str | Pat
     check_replaceable(out, protect=(source,))
     with atomic_folder(out, overwrite=overwrite, protect=(source,)) as tmp:
         weight_map: dict[str, str] = {}
-        total = len(files)
-        for index, file in enumerate(files, start=1):
+        total = len(files) + len(tower_files)
+        for index, file in enumerate(files + tower_files, start=1):
             tensors = {}
-            for key, value in _load_file(file).items():
+            loaded = _load_file(file)
+            if index > len(files):  # the CLIP checkpoint: its vision_model.* keys under the original's prefix
+                loaded = {TOWER_PREFIX + k[len("vision_model."):]: v for k, v in loaded.items()
+                          if k.startswith("vision_model.")}
+            for key, value in loaded.items():
                 new = mapped.get(key)
                 if new is None:
                     continue
