@@ -31,6 +31,7 @@ SETTINGS = {  # one schedule grammar and TanhNorm setting per family
                        mod_weight_norm="tanh_0.3_1"),
 }
 PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+ROPE_THETA = 5000.0  # not the library default, so a lost rope_theta shows
 
 
 # ---- writing a checkpoint in the original layout --------------------------------------------------------
@@ -59,7 +60,7 @@ def write_original(root, family, *, seed=0, **changes):
         "architectures": ["PmodLlavaLlamaForCausalLM"], "model_type": "pmod_llava_llama",
         "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
         "num_key_value_heads": HEADS, "hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "rope_scaling": None, "vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2,
+        "rope_theta": ROPE_THETA, "rope_scaling": None, "vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2,
         "pad_token_id": 0, "tie_word_embeddings": False, "torch_dtype": "float32", "pretraining_tp": 1,
         "mm_vision_tower": str(_vision_tower_folder(root)), "mm_projector_type": "mlp2x_gelu",
         "mm_hidden_size": V_HIDDEN, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
@@ -177,7 +178,7 @@ def rms_norm(x, w, eps=1e-5):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rotate(x, pos, theta=10000.0):
+def rotate(x, pos, theta=ROPE_THETA):
     d = x.shape[-1]
     freqs = pos[:, None].float() / theta ** (torch.arange(0, d, 2).float() / d)
     cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
