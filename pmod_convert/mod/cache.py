@@ -27,10 +27,16 @@ class MoDCacheLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.sliding_window = None if sliding_window is None else int(sliding_window)
         self.record_past = False  # sliding layers: keep old entries until the next crop (assisted decoding)
-        self.slots: torch.Tensor | None = None
+        # Slots are stored as an explicit prefix [batch, P] plus a tail of ``_tail`` entries at the contiguous
+        # logical slots ``_tail_start ..`` (the same in every row): a step that keeps every token (a decode step)
+        # only bumps ``_tail`` instead of concatenating a slots tensor. ``slots`` materialises both on access.
+        self._prefix: torch.Tensor | None = None
+        self._prefix_ragged = False  # the prefix holds padding entries (-1): rows keep different counts
+        self._prefix_index: torch.Tensor | None = None  # prefix.clamp(min=0), built on first decode_mask use
+        self._tail_start, self._tail, self._batch = 0, 0, 0
         self.logical_length = 0
         self.compressed = False  # True once physical entries stop mapping 1:1 to logical slots
-        self._pending: tuple[torch.Tensor, int] | None = None
+        self._pending: tuple[torch.Tensor, int, bool] | None = None
 
     @property
     def is_sliding(self) -> bool:
@@ -48,23 +54,91 @@ class MoDCacheLayer(DynamicLayer):
             new.update(layer.keys, layer.values)
         return new
 
+    # ---- slots: an explicit prefix plus a contiguous tail ------------------------------------------------
+    @property
+    def slots(self) -> torch.Tensor | None:
+        """``[batch, physical]`` logical slot of each cached entry, -1 for padding; None when empty."""
+        if self._tail:
+            device = self._prefix.device if self._prefix is not None else self.device
+            tail = (torch.arange(self._tail, device=device) + self._tail_start).expand(self._batch, self._tail)
+            self._set_prefix(tail if self._prefix is None else torch.cat([self._prefix, tail], dim=1))
+        return self._prefix
+
+    @slots.setter
+    def slots(self, value: torch.Tensor | None) -> None:
+        self._set_prefix(value)
+
+    def _set_prefix(self, value: torch.Tensor | None) -> None:
+        self._prefix, self._tail, self._prefix_index = value, 0, None
+        self._prefix_ragged = value is not None and value.numel() > 0 and bool((value < 0).any())
+        if value is not None:
+            self._batch = value.shape[0]
+
+    @property
+    def ragged(self) -> bool:
+        """Whether rows hold different numbers of entries (padding entries with slot -1 exist)."""
+        return self._prefix_ragged
+
     def arm(self, slots: torch.Tensor, query_length: int, compressed: bool) -> None:
         """Announce the slots of the keys the next ``update`` receives, and the logical step size."""
         self._pending = (slots, query_length, compressed)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         pending, self._pending = self._pending, None
-        if pending is None:  # not routed (e.g. converted from a dense layer): every token is kept
-            n = key_states.shape[-2]
-            slots = torch.arange(n, device=key_states.device) + self.logical_length
-            pending = (slots.expand(key_states.shape[0], n), n, False)
-        slots, query_length, compressed = pending
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        self.slots = slots if self.slots is None else torch.cat([self.slots, slots.to(self.slots.device)], dim=1)
-        self.logical_length += query_length
-        self.compressed = self.compressed or compressed
+        if pending is None:  # every token kept (a decode step, or a layer converted from a dense one)
+            n = key_states.shape[-2]
+            if not self._tail:
+                self._tail_start, self._batch = self.logical_length, key_states.shape[0]
+            self._tail += n
+            self.logical_length += n
+        else:
+            slots, query_length, compressed = pending
+            current = self.slots
+            self.slots = slots if current is None else torch.cat([current, slots.to(current.device)], dim=1)
+            self.logical_length += query_length
+            self.compressed = self.compressed or compressed
         self._drop_outside_window()
         return keys, values  # every key this call attends to (as DynamicSlidingWindowLayer returns)
+
+    def decode_mask(self, attention_mask: torch.Tensor | None, query_length: int, attention: str,
+                    dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask of a call that keeps all its ``query_length`` tokens, over the cached entries plus them.
+
+        ``attention_mask``: the model's mask for this call (``[b or 1, 1, q, logical + q]`` bool or additive
+        float, or None for plain causal with no padding); ``attention``: the inner attention ("sdpa"/"eager").
+        Returns None where sdpa needs no mask (one query, no padding entries, no padding in the model's mask:
+        every cached entry is visible). Otherwise the model's mask columns at the cached entries' slots (one
+        gather over the prefix; the tail and the new tokens are a contiguous slice), padding entries masked.
+        Only for non-sliding layers (sliding layers take the layer's general path).
+        """
+        if attention_mask is None and attention == "sdpa" and query_length == 1 and not self._prefix_ragged:
+            return None
+        if attention_mask is None:
+            from .routing import kept_attention_mask
+
+            keys = self.slots
+            new = (torch.arange(query_length, device=keys.device if keys is not None else None)
+                   + self.logical_length).expand(max(self._batch, 1), query_length)
+            key_slots = new if keys is None else torch.cat([keys, new.to(keys.device)], dim=1)
+            index = torch.arange(query_length, device=new.device).expand_as(new)
+            valid = torch.ones_like(new, dtype=torch.bool)
+            mask_dtype = torch.bool if attention == "sdpa" else dtype
+            return kept_attention_mask(None, index, valid, new, key_slots, mask_dtype)
+        batch = max(self._batch, attention_mask.shape[0])
+        mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+        start = self._tail_start if self._tail else self.logical_length
+        tail = mask[..., start:]
+        if self._prefix is None or self._prefix.shape[1] == 0:
+            return tail
+        if self._prefix_index is None:
+            self._prefix_index = self._prefix.clamp(min=0)
+        prefix = self._prefix_index.to(mask.device)
+        cols = torch.gather(mask, 3, prefix[:, None, None, :].expand(batch, mask.shape[1], mask.shape[2], -1))
+        if self._prefix_ragged:
+            bad = (self._prefix < 0).to(mask.device)[:, None, None, :]
+            cols = cols & ~bad if cols.dtype == torch.bool else cols.masked_fill(bad, torch.finfo(cols.dtype).min)
+        return torch.cat([cols, tail], dim=-1)
 
     def _drop_outside_window(self) -> None:
         """Sliding layers: forget entries at slots <= logical_length - window (no later query sees them)."""
@@ -82,6 +156,7 @@ class MoDCacheLayer(DynamicLayer):
     def skip(self, query_length: int) -> None:
         """Advance the logical length by ``query_length`` tokens of which none was kept (no entry stored)."""
         self._pending = None
+        self.slots = self.slots  # materialise the tail: the logical length moves on without entries
         self.logical_length += query_length
         self.compressed = True
         self._drop_outside_window()
@@ -108,6 +183,7 @@ class MoDCacheLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.slots, self.logical_length, self.compressed, self._pending = None, 0, False, None
+        self._tail_start, self._batch = 0, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

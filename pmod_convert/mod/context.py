@@ -84,7 +84,8 @@ class RoutingContext:
 
     def __init__(self, target_token_ids: list[int]):
         self.target_token_ids = [int(i) for i in target_token_ids]
-        self.is_target: torch.Tensor | None = None
+        self._is_target: torch.Tensor | None = None
+        self._any_target: bool | None = None  # bool(is_target.any()), computed once per mask
         self.segments: torch.Tensor | None = None  # [batch, seq] sample index of packed rows, else None
         self.disabled = 0
         self.layer_ids: set[int] = set()  # decoder layer indices of the MoD layers reading this context
@@ -98,6 +99,23 @@ class RoutingContext:
         self.score_query = -1
         self.key_index: torch.Tensor | None = None  # [batch, keys] positions of a gathered scoring layer's keys
         self.key_valid: torch.Tensor | None = None  # [batch, keys] False for padding entries of key_index
+
+    @property
+    def is_target(self) -> torch.Tensor | None:
+        """``[batch, seq]`` bool targets of the current call (None: route nothing)."""
+        return self._is_target
+
+    @is_target.setter
+    def is_target(self, mask: torch.Tensor | None) -> None:
+        self._is_target, self._any_target = mask, None
+
+    def any_target(self) -> bool:
+        """Whether the current mask has a target at all (one host sync per forward, not one per layer)."""
+        if self._is_target is None:
+            return False
+        if self._any_target is None:
+            self._any_target = bool(self._is_target.any())
+        return self._any_target
 
     def attach(self, base_model: nn.Module) -> tuple[torch.utils.hooks.RemovableHandle, ...]:
         """Register the capture pre-hook and the guard forward-hook on ``base_model``; returns both handles."""
@@ -145,6 +163,7 @@ class RoutingContext:
         else:
             self.is_target = None
         self._vision_in_call = int(self.is_target.sum()) if self.is_target is not None else 0
+        self._any_target = self._vision_in_call > 0
         self._routed = set()
         self._in_call = True
         return args, kwargs
@@ -181,13 +200,15 @@ class RoutingContext:
                 "another forward (e.g. an accelerate hook or wrapper keeping the dense forward). Load with "
                 "pmod_convert.load_pretrained, or use pmod_convert.mod.context.routing_disabled(model) to run dense")
 
-    @torch.compiler.disable
     def route_call(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """What an MoD layer routes: ``targets_for(hidden_states)``, and records that the layer routed."""
-        targets = self.targets_for(hidden_states)
+        """What an MoD layer routes: ``targets_for(hidden_states)``, and records that the layer routed.
+
+        Plain Python over flags set once per forward by ``capture`` (no host sync, no tensor op when the call
+        has no target), so torch.compile traces it without a graph break.
+        """
         if self._in_call:
-            self._routed.add(int(layer_idx))
-        return targets
+            self._routed.add(layer_idx)
+        return self.targets_for(hidden_states)
 
     def targets_for(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """The target mask ``[batch, seq]`` for these hidden states, or None (route nothing).
@@ -199,6 +220,8 @@ class RoutingContext:
             return None
         mask = self.is_target
         if mask is None:
+            return None
+        if not self.any_target():  # a decode step / text-only call: nothing to route in any layer
             return None
         if mask.shape != hidden_states.shape[:2]:
             if self._in_call and self._vision_in_call:

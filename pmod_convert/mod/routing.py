@@ -44,21 +44,33 @@ def select_tokens(logits: torch.Tensor, targets: torch.Tensor, ratio: float,
 class Gather:
     """Kept tokens of each row, left-aligned in original order and padded to the longest row."""
 
-    index: torch.Tensor  # [batch, kept] positions in the input sequence (padding entries: any position)
+    index: torch.Tensor  # [batch, kept] positions in the input sequence (padding entries: skipped positions)
     valid: torch.Tensor  # [batch, kept] False for padding entries
     seq_len: int
+    ragged: bool = True  # rows keep different numbers of tokens (some entries are padding)
 
     @classmethod
     def from_keep(cls, keep: torch.Tensor) -> "Gather":
+        """From a keep mask ``[batch, seq]`` bool (one host sync: the longest and shortest row)."""
         kept = keep.sum(1)
-        width = int(kept.max()) if kept.numel() else 0
+        if kept.numel():
+            width, shortest = torch.stack([kept.max(), kept.min()]).tolist()
+        else:
+            width = shortest = 0
         index = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
         valid = torch.arange(width, device=keep.device).unsqueeze(0) < kept.unsqueeze(1)
-        return cls(index=index, valid=valid, seq_len=keep.shape[1])
+        return cls(index=index, valid=valid, seq_len=keep.shape[1], ragged=shortest != width)
+
+    @classmethod
+    def identity(cls, batch: int, seq: int, device: torch.device) -> "Gather":
+        """Every token kept (no sort, no host sync)."""
+        index = torch.arange(seq, device=device).expand(batch, seq)
+        return cls(index=index, valid=torch.ones(batch, seq, dtype=torch.bool, device=device), seq_len=seq,
+                   ragged=False)
 
     @property
     def is_identity(self) -> bool:
-        return self.index.shape[1] == self.seq_len and bool(self.valid.all())
+        return self.index.shape[1] == self.seq_len and not self.ragged
 
     def take(self, tensor: torch.Tensor | None, token_dim: int) -> torch.Tensor | None:
         """Gather kept tokens along ``token_dim`` (batch is the dim before it, broadcast if 1)."""
@@ -78,9 +90,18 @@ class Gather:
         idx = self.index.view(view).expand(idx_shape)
         return torch.gather(tensor, token_dim, idx)
 
-    def scatter(self, base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``base`` [batch, seq, hidden] with kept positions replaced by ``values`` [batch, kept, hidden]."""
+    def scatter(self, base: torch.Tensor, values: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+        """``base`` [batch, seq, hidden] with kept positions replaced by ``values`` [batch, kept, hidden].
+
+        ``inplace``: ``base`` is a fresh tensor the caller owns and may be overwritten (saves a copy when no
+        row is ragged).
+        """
         batch, seq, hidden = base.shape
+        if not self.ragged:
+            index = self.index.unsqueeze(-1).expand(-1, -1, hidden)
+            if inplace:
+                return base.scatter_(1, index, values)
+            return base.scatter(1, index, values)
         # Padding entries write into an extra dummy position that is sliced off.
         target = torch.where(self.valid, self.index, torch.full_like(self.index, seq))
         padded = torch.cat([base, base.new_zeros(batch, 1, hidden)], dim=1)
