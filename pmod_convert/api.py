@@ -83,7 +83,7 @@ def _apply(model: nn.Module, adapter: ArchitectureAdapter, ratios: list[float | 
                 raise RecipeError(f"layer {index} is already an MoD layer; a schedule cannot make it dense again")
             continue
         convert_layer(layer, ratio, context, hidden_size=hidden, alpha=router.tanh_alpha,
-                      beta=router.tanh_beta, bias=router.bias)
+                      beta=router.tanh_beta, bias=router.bias, mlp_branch=adapter.string_branch(model.config))
     context.method = method
     if method != "pmod":
         context.score_layers = set(score_layers_for(ratios))

@@ -28,7 +28,6 @@ Conventions (used identically for the dense and the MoD model):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -81,11 +80,6 @@ COUNTED_PAPER = (
     "embeddings, norms, softmax, routers and vision tower excluded"
 )
 
-# Assumed size of "one typical image" for Qwen2-VL / Qwen2.5-VL (dynamic resolution: the count
-# depends on the input size, so we fix one; pass --vision-tokens for real counts).
-QWEN_TYPICAL_IMAGE_PX = 448
-# Assumed split of one typical image for Idefics3 / SmolVLM: a 2x2 grid of tiles plus the global view.
-IDEFICS3_TYPICAL_GRID = (2, 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,23 +515,13 @@ def estimate(
 # Vision tokens and vision tower of one typical image, per family
 # --------------------------------------------------------------------------------------------------
 
-_LLAVA_TYPES = ("llava",)
-_ANYRES_TYPES = ("llava_next", "llava_onevision")
-_QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
-_IDEFICS_TYPES = ("idefics3", "smolvlm")
-
-
 def _unknown(model_type: str) -> RecipeError:
+    from .adapters import supported_families
+
     return RecipeError(
         f"no default vision-token count for model_type {model_type!r}; pass --vision-tokens N "
-        f"(known: {', '.join(_LLAVA_TYPES + _ANYRES_TYPES + _QWEN_TYPES + _IDEFICS_TYPES)})"
+        f"(known: {', '.join(supported_families())})"
     )
-
-
-def _has_cls(vision: _Section) -> int:
-    # CLIP-style towers prepend a CLS token; SigLIP / Idefics3 / Qwen towers do not.
-    vtype = str(vision.get("model_type", "clip_vision_model"))
-    return 1 if vtype.startswith("clip") else 0
 
 
 def _need(vision: _Section, key: str, family: str) -> int:
@@ -547,116 +531,34 @@ def _need(vision: _Section, key: str, family: str) -> int:
     return int(value)
 
 
+def _family(config: Any):
+    """The adapter of ``config`` (object or config.json dict); an unknown family is a ``RecipeError``."""
+    from .adapters import get_adapter
+    from .errors import UnsupportedArchitecture
+
+    try:
+        return get_adapter(config)
+    except UnsupportedArchitecture:
+        raise _unknown(_model_type(config)) from None
+
+
 def typical_image(config: Any) -> dict[str, Any]:
     """The assumptions behind ``default_vision_tokens`` and ``vision_tower_flops`` for one image.
 
     Returns a dict: ``model_type``, ``vision_tokens`` (placeholder positions in the LLM input that MoD
     routes), ``tiles`` (crops the vision tower encodes), ``patches_per_tile`` (tower sequence length
-    per crop, CLS included), ``assumption`` (a sentence). Unknown families raise ``RecipeError``.
+    per crop, CLS included), ``assumption`` (a sentence). The family's adapter answers
+    (``ArchitectureAdapter.typical_image``). Unknown families raise ``RecipeError``.
     """
-    mt = _model_type(config)
-    vision = _vision_section(config)
-    top = _Section(config, [(mt, None)])
-
-    if mt in _LLAVA_TYPES or mt in _ANYRES_TYPES:
-        strategy = str(top.get("vision_feature_select_strategy", "default"))
-        image = _need(vision, "image_size", mt)
-        patch = _need(vision, "patch_size", mt)
-        side = image // patch
-        cls_tok = _has_cls(vision)
-        per_tile = side * side + cls_tok  # what the tower outputs per crop
-        base = per_tile - (1 if strategy == "default" else 0)  # "default" drops the first (CLS) feature
-        if mt in _LLAVA_TYPES:
-            return {
-                "model_type": mt,
-                "vision_tokens": base,
-                "tiles": 1,
-                "patches_per_tile": per_tile,
-                "assumption": f"one {image}px image: ({image}/{patch})^2 = {side * side} patches"
-                + (f" (+CLS {'dropped' if strategy == 'default' else 'kept'} by '{strategy}')" if cls_tok else ""),
-            }
-        pinpoints = [tuple(int(v) for v in p) for p in (top.get("image_grid_pinpoints") or [])]
-        if not pinpoints:
-            pinpoints = [(2 * image, 2 * image)]
-        max_tiles = None
-        aspect = str(top.get("vision_aspect_ratio", "") or "") if mt == "llava_onevision" else ""
-        if mt == "llava_onevision" and aspect.startswith("anyres_max_"):
-            try:
-                max_tiles = int(aspect[len("anyres_max_"):])
-            except ValueError:
-                max_tiles = None
-        candidates = pinpoints
-        if max_tiles is not None:
-            # Larger grids are interpolated back to max_tiles tiles' worth of features, so the
-            # token count is the same; we assume the largest grid that is NOT downsampled.
-            within = [p for p in pinpoints if (p[0] // image) * (p[1] // image) <= max_tiles]
-            candidates = within or pinpoints
-        ph, pw = max(candidates, key=lambda p: (p[0] * p[1], p[0]))
-        rows, cols = ph // image, pw // image
-        cur_h, cur_w = rows * side, cols * side  # image has the pinpoint's aspect ratio: no unpadding
-        unpadded, newlines = cur_h * cur_w, cur_h
-        if max_tiles is not None:
-            scale = math.sqrt(cur_h * cur_w / (max_tiles * side * side))
-            if scale > 1.1:  # HF's anyres_max interpolation
-                unpadded = int(cur_h // scale) * int(cur_w // scale)
-                newlines = int(cur_h // scale)
-        tokens = base + unpadded + newlines
-        return {
-            "model_type": mt,
-            "vision_tokens": tokens,
-            "tiles": 1 + rows * cols,
-            "patches_per_tile": per_tile,
-            "assumption": (
-                f"one {ph}x{pw}px image (largest grid pinpoint"
-                + (f" within anyres_max_{max_tiles}" if max_tiles is not None else "")
-                + f"): base {base} + {rows}x{cols} tiles of {side}x{side} = {unpadded} + {newlines} "
-                "row-newline tokens"
-            ),
-        }
-
-    if mt in _QWEN_TYPES:
-        patch = int(vision.get("patch_size", 14))
-        merge = int(vision.get("spatial_merge_size", 2))
-        side = QWEN_TYPICAL_IMAGE_PX // patch
-        patches = side * side
-        tokens = patches // (merge * merge)
-        return {
-            "model_type": mt,
-            "vision_tokens": tokens,
-            "tiles": 1,
-            "patches_per_tile": patches,
-            "assumption": f"one {QWEN_TYPICAL_IMAGE_PX}x{QWEN_TYPICAL_IMAGE_PX}px image: "
-            f"({QWEN_TYPICAL_IMAGE_PX}/{patch})^2 = {patches} patches merged {merge}x{merge} -> {tokens}",
-        }
-
-    if mt in _IDEFICS_TYPES:
-        seq = _get(config, "image_seq_len")
-        image = vision.get("image_size")
-        patch = vision.get("patch_size")
-        scale = int(top.get("scale_factor", 2) or 2)
-        if seq is None and image and patch:
-            seq = (int(image) // int(patch)) ** 2 // (scale * scale)
-        if not seq:
-            seq = 169
-        gr, gc = IDEFICS3_TYPICAL_GRID
-        tiles = gr * gc + 1
-        per_tile = (int(image) // int(patch)) ** 2 if image and patch else int(seq) * scale * scale
-        return {
-            "model_type": mt,
-            "vision_tokens": int(seq) * tiles,
-            "tiles": tiles,
-            "patches_per_tile": per_tile,
-            "assumption": f"one image split {gr}x{gc} + global view = {tiles} crops x image_seq_len {seq} "
-            f"(pixel shuffle {scale}x{scale}); row/column tags are text tokens",
-        }
-
-    raise _unknown(mt)
+    info = dict(_family(config).typical_image(config))
+    info["model_type"] = _model_type(config)
+    return info
 
 
 def default_vision_tokens(config: Any) -> int:
     """Vision-token count (MoD targets) of one typical image for ``config`` (object or config.json dict).
 
-    Keyed by ``model_type``:
+    Answered by the family's adapter (``typical_image``); for example:
 
     - ``llava`` (1.5): ``(image_size/patch_size)^2``, plus the CLS only under the ``full`` select
       strategy: 576 for CLIP 336/14 with ``default``.
@@ -675,50 +577,20 @@ def default_vision_tokens(config: Any) -> int:
     return int(typical_image(config)["vision_tokens"])
 
 
-def _vit_flops(patches: int, layers: int, hidden: int, mlp: int, *, gated: bool = False,
-               attn_ctx: Sequence[int] | None = None) -> int:
-    """One crop through a ViT: per layer 2*p*(4h^2 + 2hf) linears (3hf if gated) + 4*p*ctx*h attention."""
-    lin = 2 * patches * (4 * hidden * hidden + (3 if gated else 2) * hidden * mlp) * layers
-    ctxs = list(attn_ctx) if attn_ctx is not None else [patches] * layers
-    att = sum(4 * patches * c * hidden for c in ctxs)
-    return lin + att
-
-
 def vision_tower_flops(config: Any, n_images: int = 1) -> int:
     """Rough vision-tower FLOPs for ``n_images`` typical images (the same image as ``default_vision_tokens``).
 
-    Per crop: ``layers * (2*p*(4*h^2 + 2*h*f) + 4*p*p*h)`` with ``p`` the patches per crop (CLS
-    included for CLIP): q/k/v/o + MLP linears and full bidirectional attention. Any-res families encode
-    ``tiles`` crops per image (LLaVA-NeXT: base + 2x2 = 5; Idefics3: 5). Qwen2-VL reads ``embed_dim``,
-    ``depth``, ``mlp_ratio``; Qwen2.5-VL has a gated MLP and windowed attention (window_size/patch)^2
-    patches per window except in ``fullatt_block_indexes``. Patch embedding, position embeddings,
-    norms, the projector / merger / connector are excluded. Counts every tower layer even when the
-    features come from an earlier one (``vision_feature_layer = -2``).
+    Per crop (the family adapter's ``tower_crop_flops``; ViT default ``adapters.base.vit_flops``):
+    ``layers * (2*p*(4*h^2 + 2*h*f) + 4*p*p*h)`` with ``p`` the patches per crop (CLS included for CLIP):
+    q/k/v/o + MLP linears and full bidirectional attention; times the ``tiles`` crops per image (LLaVA-NeXT:
+    base + 2x2 = 5; Idefics3: 5). Qwen2-VL reads ``embed_dim``, ``depth``, ``mlp_ratio``; Qwen2.5-VL has a
+    gated MLP and windowed attention. Patch embedding, position embeddings, norms, the projector / merger /
+    connector are excluded. Counts every tower layer even when the features come from an earlier one.
     """
     if not isinstance(n_images, int) or n_images < 0:
         raise RecipeError(f"n_images must be a non-negative integer, got {n_images!r}")
     info = typical_image(config)
-    mt = info["model_type"]
-    vision = _vision_section(config)
-    p = int(info["patches_per_tile"])
-    if mt == "qwen2_vl":
-        hidden = int(vision.get("embed_dim", 1280))
-        layers = int(vision.get("depth", 32))
-        mlp = int(hidden * float(vision.get("mlp_ratio", 4)))
-        per_crop = _vit_flops(p, layers, hidden, mlp)
-    elif mt == "qwen2_5_vl":
-        hidden = int(vision.get("hidden_size", 1280))
-        layers = int(vision.get("depth", 32))
-        mlp = int(vision.get("intermediate_size", 3420))
-        window = int(vision.get("window_size", 112)) // int(vision.get("patch_size", 14))
-        full = set(vision.get("fullatt_block_indexes", [7, 15, 23, 31]) or [])
-        ctx = [p if i in full else min(p, window * window) for i in range(layers)]
-        per_crop = _vit_flops(p, layers, hidden, mlp, gated=True, attn_ctx=ctx)
-    else:
-        hidden = _need(vision, "hidden_size", mt)
-        layers = _need(vision, "num_hidden_layers", mt)
-        mlp = _need(vision, "intermediate_size", mt)
-        per_crop = _vit_flops(p, layers, hidden, mlp)
+    per_crop = _family(config).tower_crop_flops(config, int(info["patches_per_tile"]))
     return per_crop * int(info["tiles"]) * n_images
 
 
@@ -726,44 +598,16 @@ def vision_tower_flops_for_tokens(config: Any, image_tokens: Sequence[int]) -> i
     """Rough vision-tower FLOPs of real images, from the vision tokens each image put into the LLM input.
 
     ``image_tokens``: one entry per image (e.g. per contiguous run of vision placeholders in a sample).
-    Same counting conventions as ``vision_tower_flops``; only the image size comes from the data:
-
-    - ``qwen2_vl`` / ``qwen2_5_vl`` (dynamic resolution): an image of ``n`` tokens was ``n * merge^2``
-      patches, and the tower is counted for exactly that many patches (attention over the image's own
-      patches; Qwen2.5-VL windows as in ``vision_tower_flops``).
-    - fixed-crop families (``llava``, ``llava_next``, ``llava_onevision``, ``idefics3``, ``smolvlm``): the tower
-      encodes whole crops of one size, so its cost scales with the number of crops, taken proportional to
-      the image's tokens: ``vision_tower_flops(config, 1) * n / default_vision_tokens(config)``, rounded
-      (exact for LLaVA-1.5, where every image has the typical count).
+    Same counting conventions as ``vision_tower_flops``; the family adapter's ``tower_flops_for_tokens`` answers:
+    dynamic-resolution families (Qwen2-VL / Qwen2.5-VL / Qwen3-VL / GLM-4V) count the tower for exactly the
+    image's patches; fixed-crop families scale ``vision_tower_flops(config, 1)`` by ``n / default_vision_tokens``
+    (exact for LLaVA-1.5, where every image has the typical count).
     """
     counts = list(image_tokens)
     for n in counts:
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise RecipeError(f"image_tokens must be non-negative integers, got {n!r}")
-    mt = _model_type(config)
-    if mt not in _QWEN_TYPES:
-        per_token = vision_tower_flops(config, 1) / default_vision_tokens(config)
-        return round(sum(n * per_token for n in counts))
-    vision = _vision_section(config)
-    merge = int(vision.get("spatial_merge_size", 2))
-    total = 0
-    for n in counts:
-        p = n * merge * merge
-        if p == 0:
-            continue
-        if mt == "qwen2_vl":
-            hidden = int(vision.get("embed_dim", 1280))
-            layers = int(vision.get("depth", 32))
-            total += _vit_flops(p, layers, hidden, int(hidden * float(vision.get("mlp_ratio", 4))))
-        else:
-            hidden = int(vision.get("hidden_size", 1280))
-            layers = int(vision.get("depth", 32))
-            window = int(vision.get("window_size", 112)) // int(vision.get("patch_size", 14))
-            full = set(vision.get("fullatt_block_indexes", [7, 15, 23, 31]) or [])
-            ctx = [p if i in full else min(p, window * window) for i in range(layers)]
-            total += _vit_flops(p, layers, hidden, int(vision.get("intermediate_size", 3420)), gated=True,
-                                attn_ctx=ctx)
-    return total
+    return int(_family(config).tower_flops_for_tokens(config, counts))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,63 +42,14 @@ class ModelShape:
         return adapter_by_family(self.family).tiny_config(**dict(self.overrides), attn_implementation=attn_implementation)
 
 
-# Qwen2-0.5B's decoder (the language model of LLaVA-OneVision-0.5B); vocab 151,936 cut to 32,000.
-QWEN2_05B = MappingProxyType({
-    "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-    "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-})
-# Vicuna-7B / Llama-2-7B, the decoder of LLaVA-1.5-7B and LLaVA-NeXT-7B (vicuna); vocab as published.
-LLAMA_7B = MappingProxyType({
-    "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-})
-# A small CLIP/SigLIP tower with the real input geometry (336 px / patch 14 -> 24x24 = 576 tokens per tile).
-SMALL_CLIP_336 = MappingProxyType({"vision_image_size": 336, "vision_patch_size": 14, "vision_hidden_size": 32,
-                                   "vision_intermediate_size": 64, "vision_num_hidden_layers": 2,
-                                   "vision_num_attention_heads": 2})
-SMALL_SIGLIP_384 = MappingProxyType({**SMALL_CLIP_336, "vision_image_size": 384})  # 27x27 = 729 per tile
-
-_VOCAB_NOTE = "vocabulary cut to 32,000 tokens (real: 151,936); only embedding/lm_head memory changes"
-_TOWER_NOTE = "small random vision tower (2 layers, hidden 32) with the real patch geometry; it is not what is benchmarked"
-
-
 def _shapes() -> dict[str, ModelShape]:
+    """Every family adapter's named real-size shapes (``ArchitectureAdapter.shapes``), then ``tiny-<family>``."""
     from .adapters import all_adapters
 
-    shapes = {
-        "qwen2-0.5b": ModelShape(
-            "qwen2-0.5b", "qwen2_vl",
-            "Qwen2-0.5B decoder (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864) in a Qwen2-VL config",
-            {**QWEN2_05B, "vision_patch_size": 14},
-            (_VOCAB_NOTE, _TOWER_NOTE, ("Qwen2-VL packaging (M-RoPE): any vision-token count a*b is exact "
-                                        "(an image of a x b merged 28 px patches)")),
-        ),
-        "llava-onevision-0.5b": ModelShape(
-            "llava-onevision-0.5b", "llava_onevision",
-            "LLaVA-OneVision-0.5B: the Qwen2-0.5B decoder behind SigLIP 384/14 any-res (anyres_max_9)",
-            {**QWEN2_05B, **SMALL_SIGLIP_384,
-             "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]},
-            (_VOCAB_NOTE, _TOWER_NOTE, ("an image alone in its row is tiled any-res (at least 729 base + grid "
-                                        "tokens); images of multi-image rows give 730 tokens each")),
-        ),
-        "llava-1.5-7b": ModelShape(
-            "llava-1.5-7b", "llava",
-            "LLaVA-1.5-7B: Vicuna-7B decoder (hidden 4096, 32 layers, 32 heads, MLP 11008), CLIP 336/14",
-            {**LLAMA_7B, **SMALL_CLIP_336},
-            (_TOWER_NOTE, "576 vision tokens per image; about 13.5 GB of weights in bf16/fp16, 27 GB in fp32"),
-        ),
-        "llava-next-7b": ModelShape(
-            "llava-next-7b", "llava_next",
-            "LLaVA-NeXT-7B (vicuna): Vicuna-7B decoder, CLIP 336/14 any-res up to 672x672",
-            {**LLAMA_7B, **SMALL_CLIP_336,
-             "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]},
-            (_TOWER_NOTE, "a 672x672 image gives 2,928 vision tokens; about 13.5 GB of weights in bf16/fp16"),
-        ),
-        "tiny": ModelShape("tiny", "qwen2_vl", "tiny Qwen2-VL (hidden 64, 4 layers) for tests and demos",
-                           {}, ("the default tiny config of the qwen2_vl adapter",)),
-    }
+    shapes: dict[str, ModelShape] = {}
+    for adapter in all_adapters():
+        for name, (summary, overrides, notes) in adapter.shapes.items():
+            shapes[name] = ModelShape(name, adapter.family, summary, MappingProxyType(dict(overrides)), tuple(notes))
     for adapter in all_adapters():
         name = f"tiny-{adapter.family}"
         shapes[name] = ModelShape(name, adapter.family, f"tiny {adapter.family} (hidden 64, 4 layers) for tests",

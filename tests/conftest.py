@@ -33,31 +33,16 @@ def tiny_model(family: str, attn: str = "sdpa", **overrides):
 
 
 def batch_inputs(family: str, config, batch_size: int = 2, seed: int = 0):
-    """Left-padded batch whose rows differ in text length and, where the family allows, in vision tokens."""
+    """Left-padded batch whose rows differ in text length and in vision tokens (the adapter's ``tiny_varied``)."""
     adapter = adapter_by_family(family)
-    extra = VARIED.get(family, {}) if batch_size == 2 else {}
+    extra = dict(adapter.tiny_varied) if batch_size == 2 else {}
     return adapter.dummy_inputs(config, batch_size=batch_size, seed=seed, **extra)
 
 
-# Per-family arguments that make rows of a 2-row batch differ in their number of vision tokens.
-VARIED: dict = {"llava": {"images_per_row": [1, 2]}}
-
-
-# Two single-row samples per family that differ in text length and in their number of vision tokens.
-ROWS: dict = {
-    "llava": [dict(images_per_row=[1], text_lengths=[12]), dict(images_per_row=[2], text_lengths=[5])],
-    "llava_next": [dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5])],
-    "llava_onevision": [dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5])],
-    "qwen2_vl": [dict(image_sizes=[(64, 64)], text_lengths=[12]), dict(image_sizes=[(96, 96)], text_lengths=[5])],
-    "qwen2_5_vl": [dict(image_sizes=[(64, 64)], text_lengths=[12]), dict(image_sizes=[(96, 96)], text_lengths=[5])],
-    "idefics3": [dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5])],
-    "smolvlm": [dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5])],
-}
-
-
 def single_rows(family: str, config):
+    """Two single-row samples that differ in text length and vision tokens (the adapter's ``tiny_rows``)."""
     adapter = adapter_by_family(family)
-    return [adapter.dummy_inputs(config, batch_size=1, seed=i, **kw) for i, kw in enumerate(ROWS[family])]
+    return [adapter.dummy_inputs(config, batch_size=1, seed=i, **kw) for i, kw in enumerate(adapter.tiny_rows)]
 
 
 # ---- helpers shared by several test modules (``from conftest import ...``) ----

@@ -17,7 +17,7 @@ FAMILIES = [a.family for a in ADAPTERS]
 
 # Batch-2 dummy_inputs kwargs giving rows with different vision-token counts.  LLaVA-1.5 images
 # are fixed-size, so it varies the number of images; the others vary image sizes (the default).
-VARIED = {"llava": dict(images_per_row=[1, 2])}
+VARIED = {a.family: dict(a.tiny_varied) for a in ADAPTERS}
 
 _MODELS: dict[tuple, tuple] = {}
 

@@ -86,8 +86,9 @@ def test_cached_greedy_equals_uncached_with_layer0_mod(family):
             last = mod(input_ids=seq, attention_mask=mask, **extra).logits[:, -1]
             nxt = last.index_fill(-1, torch.tensor(SPECIAL_IDS), float("-inf")).argmax(-1, keepdim=True)
             seq, mask = torch.cat([seq, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-            if "mm_token_type_ids" in extra:  # Qwen: the new token is text
-                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+            for key, value in adapter_by_family(family).tiny_generated_types.items():  # per-token types grow too
+                if key in extra:
+                    extra[key] = torch.cat([extra[key], torch.full_like(nxt, value)], 1)
     assert torch.equal(seq, cached[:, : seq.shape[1]])
 
 
@@ -137,7 +138,8 @@ def _reference_forward(self, hidden_states, attention_mask=None, position_ids=No
         allowed = torch.zeros(allowed.shape, dtype=attention_mask.dtype).masked_fill(
             ~allowed, torch.finfo(attention_mask.dtype).min)
     captured = {}
-    handle = self.mlp.register_forward_hook(lambda m, a, o: captured.setdefault("delta", o))
+    branch = getattr(self, self.pmod_mlp_branch)  # the MLP branch STRing scales (adapter.mlp_branch)
+    handle = branch.register_forward_hook(lambda m, a, o: captured.setdefault("delta", o))
     try:
         y = dense_forward(self, hidden_states, attention_mask=allowed, position_ids=position_ids,
                           position_embeddings=position_embeddings, **kwargs)

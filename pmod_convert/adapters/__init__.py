@@ -1,5 +1,9 @@
 """Per-family adapters.  Importing this package registers every supported family.
 
+A family is one module here holding one ``ArchitectureAdapter`` subclass (``base.py``): everything the package
+needs to know about it (decoder layers, vision ids, LoRA targets, unquantized modules, the typical image and its
+vision-tower FLOPs, bench image layouts, processor quirks, named shapes, and the tiny test config and inputs).
+
 Each adapter's ``tiny_config(**overrides)`` builds a small random-weight config (override rules:
 ``pmod_convert.tiny``) and ``dummy_inputs(config, *, batch_size=1, text_lengths=None,
 images_per_row=None, padding_side="left", seed=0, image_sizes=None)`` builds a dict for
@@ -14,12 +18,28 @@ images_per_row=None, padding_side="left", seed=0, image_sizes=None)`` builds a d
 Video families (llava_onevision, qwen2_vl, qwen2_5_vl) also take ``videos_per_row``.
 """
 
-from . import idefics3, llava, llava_next, llava_onevision, qwen2_vl  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration: one module per family)
+    aya_vision,
+    gemma3,
+    glm4v,
+    idefics3,
+    internvl,
+    lfm2_vl,
+    llava,
+    llava_next,
+    llava_next_video,
+    llava_onevision,
+    mistral3,
+    paligemma,
+    qwen2_vl,
+    qwen3_vl,
+)
 from .base import (
     ArchitectureAdapter,
     adapter_by_family,
     all_adapters,
     get_adapter,
+    refused_families,
     register,
     supported_families,
 )
@@ -29,6 +49,7 @@ __all__ = [
     "adapter_by_family",
     "all_adapters",
     "get_adapter",
+    "refused_families",
     "register",
     "supported_families",
 ]

@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
-from .. import tiny
-from .base import ArchitectureAdapter, register
-from .llava import lora_regex
+from . import scaffold as tiny
+from .base import ArchitectureAdapter, register, square_factors
+
+# Assumed split of one typical image: a 2x2 grid of tiles plus the global view.
+TYPICAL_GRID = (2, 2)
 
 # (height, width) of the default dummy images, cycled: 1 tile (16 tokens), 2x2+1 tiles (80), 1x2+1 (48).
 DEFAULT_IMAGE_SIZES = ((32, 32), (64, 64), (32, 64))
@@ -114,21 +116,85 @@ def dummy_inputs(config, *, batch_size: int = 1, text_lengths=None, images_per_r
     return out
 
 
-_COMMON = dict(
-    layers_path="model.text_model.layers",
-    text_config_attr="text_config",
-    vision_token_attrs=("image_token_id",),
-    lora_target_regex=lora_regex("model.text_model.layers"),
-    never_quantize=("vision_model", "connector", "lm_head", "pmod_router"),
-    projector="connector",
-    dummy_inputs=dummy_inputs,
-)
+class Idefics3Adapter(ArchitectureAdapter):
+    """Idefics3 (and SmolVLM v1 checkpoints): tiles + global view, pixel-shuffle connector, Llama decoder."""
 
-ADAPTER = register(
-    ArchitectureAdapter(family="idefics3", model_types=("idefics3",), model_class="Idefics3ForConditionalGeneration",
-                        tiny_config=tiny_config_idefics3, **_COMMON)
-)
-ADAPTER_SMOLVLM = register(
-    ArchitectureAdapter(family="smolvlm", model_types=("smolvlm",), model_class="SmolVLMForConditionalGeneration",
-                        tiny_config=tiny_config_smolvlm, **_COMMON)
-)
+    family = "idefics3"
+    model_types = ("idefics3",)
+    model_class = "Idefics3ForConditionalGeneration"
+    layers_path = "model.text_model.layers"
+    never_quantize = ("vision_model", "connector", "lm_head", "pmod_router")
+    projector = "connector"
+    nested_images = True
+    tiny_named_tokens = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                         "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
+    tiny_chat_style = "chatml"
+    tiny_rows = (dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5]))
+
+    def typical_image(self, config):
+        """``image_seq_len`` (config value, else (image_size/patch)^2 / scale_factor^2, else 169) x 5 crops
+        (2x2 split + global view); 845 for Idefics3-8B (364/14, x2)."""
+        from ..efficiency import _get, _Section, _vision_section
+
+        vision = _vision_section(config)
+        top = _Section(config, [(self.family, None)])
+        seq = _get(config, "image_seq_len")
+        image, patch = vision.get("image_size"), vision.get("patch_size")
+        scale = int(top.get("scale_factor", 2) or 2)
+        if seq is None and image and patch:
+            seq = (int(image) // int(patch)) ** 2 // (scale * scale)
+        if not seq:
+            seq = 169
+        gr, gc = TYPICAL_GRID
+        tiles = gr * gc + 1
+        per_tile = (int(image) // int(patch)) ** 2 if image and patch else int(seq) * scale * scale
+        return {"model_type": self.family, "vision_tokens": int(seq) * tiles, "tiles": tiles,
+                "patches_per_tile": per_tile,
+                "assumption": f"one image split {gr}x{gc} + global view = {tiles} crops x image_seq_len {seq} "
+                f"(pixel shuffle {scale}x{scale}); row/column tags are text tokens"}
+
+    def image_tokens_of(self, config, height, width):
+        return image_tokens(config, height, width)
+
+    def vision_layout(self, config, n):
+        """Multiples of the per-tile count: one or two single-tile images, or one split image."""
+        s = config.vision_config.image_size
+        tiles = max(1, round(n / tile_tokens(config)))
+        if tiles <= 2:  # one image of one tile, or two of them (a split image has at least 2 + 1 tiles)
+            return ((s, s),) * tiles, tiles * image_tokens(config, s, s)
+        r, c = square_factors(tiles - 1)  # a split image: rows * cols tiles + 1 global tile
+        return ((r * s, c * s),), image_tokens(config, r * s, c * s)
+
+    def tiny_config(self, **overrides):
+        return _tiny_config(self.family, overrides)
+
+    def dummy_inputs(self, config, **kwargs):
+        return dummy_inputs(config, **kwargs)
+
+    def tiny_processor(self, config, tokenizer, template):
+        import transformers as tf
+
+        vc = config.vision_config
+        size = vc.image_size
+        ip = tf.Idefics3ImageProcessorPil(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
+        seq = (size // vc.patch_size) ** 2 // config.scale_factor**2
+        return ip, tf.Idefics3Processor(image_processor=ip, tokenizer=tokenizer, image_seq_len=seq), None
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    """SmolVLM / SmolVLM2 under its own ``model_type`` (same shapes as Idefics3; its processor has video)."""
+
+    family = "smolvlm"
+    model_types = ("smolvlm",)
+    model_class = "SmolVLMForConditionalGeneration"
+
+    def tiny_processor(self, config, tokenizer, template):
+        import transformers as tf
+
+        size = config.vision_config.image_size
+        ip = tf.SmolVLMImageProcessorPil(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
+        return ip, None, "SmolVLMProcessor needs a video processor, which needs torchvision"
+
+
+ADAPTER = register(Idefics3Adapter)
+ADAPTER_SMOLVLM = register(SmolVLMAdapter)

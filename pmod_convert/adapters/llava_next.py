@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .. import tiny
-from .base import ArchitectureAdapter, register
-from .llava import lora_regex
+from . import scaffold as tiny
+from .base import nearest_layout, register, size_table
+from .llava import LLAMA_7B, SMALL_CLIP_336, TOWER_NOTE, LlavaAdapter, clip_tokens
 
 # (height, width) of the default dummy images, cycled over the images of a batch: 36, 88, 52 tokens.
 DEFAULT_IMAGE_SIZES = ((32, 32), (64, 64), (32, 64))
@@ -107,18 +107,98 @@ def dummy_inputs(config, *, batch_size: int = 1, text_lengths=None, images_per_r
     return out
 
 
-ADAPTER = register(
-    ArchitectureAdapter(
-        family="llava_next",
-        projector="multi_modal_projector",
-        model_types=("llava_next",),
-        model_class="LlavaNextForConditionalGeneration",
-        layers_path="model.language_model.layers",
-        text_config_attr="text_config",
-        vision_token_attrs=("image_token_id",),
-        lora_target_regex=lora_regex("model.language_model.layers"),
-        never_quantize=("vision_tower", "multi_modal_projector", "image_newline", "lm_head", "pmod_router"),
-        tiny_config=tiny_config,
-        dummy_inputs=dummy_inputs,
-    )
-)
+def anyres_typical_image(family: str, config: Any, max_tiles: int | None = None) -> dict[str, Any]:
+    """Any-res at the largest-area ``image_grid_pinpoints`` entry (within ``anyres_max_N`` when ``max_tiles``;
+    larger grids are interpolated down to the same count), image of that aspect ratio (no unpadding): base +
+    tiles + one newline token per feature row. LLaVA-NeXT default pinpoints (672x672, 2x2 tiles of CLIP 336/14):
+    576 + 2304 + 48 = 2928 (the published ~2,880 = 5 x 576 leaves out the 48 newline tokens)."""
+    g = clip_tokens(config)
+    image, side, base = g["image"], g["side"], g["base"]
+    pinpoints = [tuple(int(v) for v in p) for p in (g["top"].get("image_grid_pinpoints") or [])]
+    if not pinpoints:
+        pinpoints = [(2 * image, 2 * image)]
+    candidates = pinpoints
+    if max_tiles is not None:
+        within = [p for p in pinpoints if (p[0] // image) * (p[1] // image) <= max_tiles]
+        candidates = within or pinpoints
+    ph, pw = max(candidates, key=lambda p: (p[0] * p[1], p[0]))
+    rows, cols = ph // image, pw // image
+    cur_h, cur_w = rows * side, cols * side  # image has the pinpoint's aspect ratio: no unpadding
+    unpadded, newlines = cur_h * cur_w, cur_h
+    if max_tiles is not None:
+        scale = math.sqrt(cur_h * cur_w / (max_tiles * side * side))
+        if scale > 1.1:  # HF's anyres_max interpolation
+            unpadded = int(cur_h // scale) * int(cur_w // scale)
+            newlines = int(cur_h // scale)
+    return {
+        "model_type": family, "vision_tokens": base + unpadded + newlines, "tiles": 1 + rows * cols,
+        "patches_per_tile": g["per_tile"],
+        "assumption": (f"one {ph}x{pw}px image (largest grid pinpoint"
+                       + (f" within anyres_max_{max_tiles}" if max_tiles is not None else "")
+                       + f"): base {base} + {rows}x{cols} tiles of {side}x{side} = {unpadded} + {newlines} "
+                       "row-newline tokens"),
+    }
+
+
+def anyres_layout(config: Any, n: int, count) -> tuple:
+    """Whole copies of the any-res image size whose token count (``count(h, w)``) is nearest ``n / k``."""
+    patch = config.vision_config.patch_size
+    top = max(max(p) for p in config.image_grid_pinpoints)
+    table = size_table(patch * max(1, math.ceil(top / (patch * 80))), top, count)  # at most ~80 sizes per side
+    options = []
+    for k in range(1, max(1, math.ceil(n / min(table))) + 1):
+        if k > 64:
+            break
+        per = min(table, key=lambda t: abs(t - n / k))
+        options.append((k * per, (table[per],) * k))
+    return nearest_layout(options, n)
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_types = ("llava_next",)
+    model_class = "LlavaNextForConditionalGeneration"
+    never_quantize = ("vision_tower", "multi_modal_projector", "image_newline", "lm_head", "pmod_router")
+    tiny_rows = (dict(image_sizes=[(32, 32)], text_lengths=[12]), dict(image_sizes=[(64, 64)], text_lengths=[5]))
+    tiny_varied = {}  # any-res: the default image sizes already differ per row
+    shapes = {
+        "llava-next-7b": ("LLaVA-NeXT-7B (vicuna): Vicuna-7B decoder, CLIP 336/14 any-res up to 672x672",
+                          {**LLAMA_7B, **SMALL_CLIP_336,
+                           "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]},
+                          (TOWER_NOTE, "a 672x672 image gives 2,928 vision tokens; about 13.5 GB of weights in bf16/fp16")),
+    }
+
+    def typical_image(self, config):
+        return anyres_typical_image(self.family, config)
+
+    def image_tokens_of(self, config, height, width):
+        return image_tokens(config, height, width)
+
+    def vision_layout(self, config, n):
+        """The nearest count over a grid of image sizes, one or more whole images."""
+        return anyres_layout(config, n, lambda h, w: self.image_tokens_of(config, h, w))
+
+    def tiny_config(self, **overrides):
+        return tiny_config(**overrides)
+
+    def dummy_inputs(self, config, **kwargs):
+        return dummy_inputs(config, **kwargs)
+
+    def tiny_processor(self, config, tokenizer, template):
+        import transformers as tf
+
+        vc = config.vision_config
+        size = vc.image_size
+        ip = tf.LlavaNextImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+        )
+        proc = tf.LlavaNextProcessor(
+            image_processor=ip, tokenizer=tokenizer, patch_size=vc.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1, chat_template=template,
+        )
+        return ip, proc, None
+
+
+ADAPTER = register(LlavaNextAdapter)

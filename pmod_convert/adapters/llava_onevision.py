@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
-from .. import tiny
-from .base import ArchitectureAdapter, register
-from .llava import lora_regex
-from .llava_next import anyres_image_tokens, anyres_pixels, num_tiles
+from . import scaffold as tiny
+from .base import register
+from .llava import TOWER_NOTE
+from .llava_next import LlavaNextAdapter, anyres_image_tokens, anyres_pixels, anyres_typical_image, num_tiles, size_table
+from .qwen2_vl import QWEN2_05B, VOCAB_NOTE
 
 # (height, width) of the default dummy images, cycled: 36, 88, 52 tokens (single-image rows).
 DEFAULT_IMAGE_SIZES = ((32, 32), (64, 64), (32, 64))
@@ -89,18 +90,95 @@ def dummy_inputs(config, *, batch_size: int = 1, text_lengths=None, images_per_r
     return out
 
 
-ADAPTER = register(
-    ArchitectureAdapter(
-        family="llava_onevision",
-        projector="multi_modal_projector",
-        model_types=("llava_onevision",),
-        model_class="LlavaOnevisionForConditionalGeneration",
-        layers_path="model.language_model.layers",
-        text_config_attr="text_config",
-        vision_token_attrs=("image_token_id", "video_token_id"),
-        lora_target_regex=lora_regex("model.language_model.layers"),
-        never_quantize=("vision_tower", "multi_modal_projector", "image_newline", "lm_head", "pmod_router"),
-        tiny_config=tiny_config,
-        dummy_inputs=dummy_inputs,
-    )
-)
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    family = "llava_onevision"
+    model_types = ("llava_onevision",)
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    vision_token_attrs = ("image_token_id", "video_token_id")
+    tiny_named_tokens = {"image_token": "<image>", "video_token": "<video>"}
+    tiny_chat_style = "chatml"
+    shapes = {
+        "llava-onevision-0.5b": (
+            "LLaVA-OneVision-0.5B: the Qwen2-0.5B decoder behind SigLIP 384/14 any-res (anyres_max_9)",
+            {**QWEN2_05B, "vision_image_size": 384, "vision_patch_size": 14, "vision_hidden_size": 32,
+             "vision_intermediate_size": 64, "vision_num_hidden_layers": 2, "vision_num_attention_heads": 2,
+             "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]},
+            (VOCAB_NOTE, TOWER_NOTE, ("an image alone in its row is tiled any-res (at least 729 base + grid "
+                                      "tokens); images of multi-image rows give 730 tokens each"))),
+    }
+
+    def typical_image(self, config):
+        """SigLIP 384/14 (729 per tile, no CLS) at the largest pinpoint within ``anyres_max_N``: 729 + 81x81 + 81."""
+        from ..efficiency import _Section
+
+        aspect = str(_Section(config, [(self.family, None)]).get("vision_aspect_ratio", "") or "")
+        max_tiles = None
+        if aspect.startswith("anyres_max_"):
+            try:
+                max_tiles = int(aspect[len("anyres_max_"):])
+            except ValueError:
+                max_tiles = None
+        return anyres_typical_image(self.family, config, max_tiles)
+
+    def image_tokens_of(self, config, height, width):
+        return image_tokens(config, height, width, single_image_row=True)
+
+    def vision_layout(self, config, n):
+        """An image alone in its row is tiled any-res; images of multi-image rows use the base tile only."""
+        from .base import nearest_layout
+
+        patch = config.vision_config.patch_size
+        top = max(max(p) for p in config.image_grid_pinpoints)
+        table = size_table(patch * max(1, math.ceil(top / (patch * 80))), top,
+                           lambda h, w: self.image_tokens_of(config, h, w))
+        options = [(t, (size,)) for t, size in table.items()]
+        s = config.vision_config.image_size
+        base = image_tokens(config, s, s, single_image_row=False)
+        k = max(2, round(n / base))
+        options.append((k * base, ((s, s),) * k))
+        return nearest_layout(options, n)
+
+    def tiny_config(self, **overrides):
+        return tiny_config(**overrides)
+
+    def dummy_inputs(self, config, **kwargs):
+        return dummy_inputs(config, **kwargs)
+
+    def tiny_processor(self, config, tokenizer, template):
+        import transformers as tf
+
+        size = config.vision_config.image_size
+        ip = tf.LlavaOnevisionImageProcessorPil(
+            size={"height": size, "width": size},
+            image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+        )
+        return ip, None, "LlavaOnevisionProcessor needs a video processor, which needs torchvision"
+
+    def processor_without_video(self, checkpoint, tokenizer, image_processor):
+        import transformers as tf
+
+        return _processor_from_config(tf.LlavaOnevisionProcessor, checkpoint, tokenizer, image_processor)
+
+
+def _processor_from_config(cls, checkpoint, tokenizer, image_processor, **extra):
+    """``cls`` built from the tokenizer, image processor and the saved ``processor_config.json`` kwargs, with no
+    video processor (video rows are refused by the data loader anyway); None without processor_config.json."""
+    import json
+    import os
+
+    path = os.path.join(str(checkpoint), "processor_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    params = __import__("inspect").signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in saved.items() if k in params and k not in ("image_processor", "tokenizer",
+                                                                            "video_processor")}
+    template = getattr(tokenizer, "chat_template", None)
+    if "chat_template" in params and template is not None:
+        kwargs.setdefault("chat_template", template)
+    kwargs.update(extra)
+    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
+
+
+ADAPTER = register(LlavaOnevisionAdapter)

@@ -11,8 +11,11 @@ Labels keep only the assistant answers (the template's text for that turn, with 
 where the template has none, the tokenizer's EOS appended): everything else is -100. ``instruction_mask``
 marks the user/system text tokens (not vision tokens), which masked routing learning never skips.
 
-Families whose processor class needs torchvision (Qwen2-VL/Qwen2.5-VL video processors) fall back to the
-tokenizer plus the image processor, expanding the image placeholder themselves.
+Family quirks come from the family's adapter: processors taking one list of images per text
+(``nested_images``), M-RoPE token types (``mm_token_types``), and what to do when the processor class cannot be
+built here because its video processor needs torchvision: build it without a video processor
+(``processor_without_video``; video rows are refused anyway), or expand the image placeholder from the image
+processor's outputs (``fallback_image_tokens``).
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ from .conversations import IMAGE_MARKER, Sample, split_markers
 
 IGNORE = -100
 PER_TOKEN = ("mm_token_type_ids", "token_type_ids")
-_NESTED_IMAGES = ("idefics3", "smolvlm")  # processors that take one list of images per text
-_EXPAND_FALLBACK = ("qwen2_vl", "qwen2_5_vl")  # placeholder repeated grid_t*grid_h*grid_w / merge**2 times
 
 
 class SampleEncoder:
@@ -69,17 +70,15 @@ class SampleEncoder:
         """
         import transformers as tf
 
-        get_adapter(read_config(checkpoint))  # one-line errors for a missing folder / config / unknown family
+        adapter = get_adapter(read_config(checkpoint))  # one-line errors for a missing folder / config / family
         safe = {"trust_remote_code": False}
         config = tf.AutoConfig.from_pretrained(str(checkpoint), **safe)
         model_type = config.model_type
+        needs_video = None  # why AutoProcessor could not be built here, when its video processor needs torchvision
         try:
             processor = tf.AutoProcessor.from_pretrained(str(checkpoint), **safe)
         except ImportError as exc:  # the processor class needs torchvision
-            if model_type not in _EXPAND_FALLBACK:
-                raise DataError(f"the {model_type} processor cannot be built here ({str(exc).strip().splitlines()[0]}); "
-                                "install torchvision") from None
-            processor = None
+            needs_video, processor = str(exc).strip().splitlines()[0], None
         except (OSError, ValueError) as exc:  # no processor / tokenizer files, or unreadable ones
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise DataError(f"{checkpoint} has no usable processor ({first[:160]}); copy the processor and tokenizer "
@@ -93,7 +92,11 @@ class SampleEncoder:
                                else tf.AutoImageProcessor.from_pretrained(str(checkpoint), **safe))
         except (OSError, ValueError) as exc:
             raise DataError(f"{checkpoint} lacks its tokenizer or image processor files ({str(exc).splitlines()[0]})") from None
-        if processor is None and model_type not in _EXPAND_FALLBACK:
+        if processor is None:
+            processor = adapter.processor_without_video(str(checkpoint), tokenizer, image_processor)
+        if processor is None and not adapter.placeholder_fallback:
+            if needs_video:
+                raise DataError(f"the {model_type} processor cannot be built here ({needs_video}); install torchvision")
             raise DataError(f"{checkpoint} has no processor files (processor_config.json); save the processor with "
                             "the checkpoint")
         return cls(config, tokenizer, processor, image_processor)
@@ -323,11 +326,11 @@ class SampleEncoder:
         if not pil:
             out = dict(self.tokenizer(text, return_tensors="pt", add_special_tokens=special))
         elif self.processor is not None:
-            arg = [pil] if self.config.model_type in _NESTED_IMAGES else pil
+            arg = [pil] if self.adapter.nested_images else pil
             out = dict(self.processor(text=text, images=arg, return_tensors="pt", add_special_tokens=special))
         else:
             out = self._expand_and_tokenize(text, pil, special)
-        if self.config.model_type in _EXPAND_FALLBACK:
+        if self.adapter.mm_token_types and "mm_token_type_ids" not in out:
             # M-RoPE needs the token types the real processor returns: 0 text, 1 image.
             out["mm_token_type_ids"] = (out["input_ids"] == int(self.config.image_token_id)).long()
         n, limit = int(out["input_ids"].shape[-1]), self.max_positions
@@ -345,14 +348,12 @@ class SampleEncoder:
 
     def _expand_and_tokenize(self, text: str, images: list[Any], special: bool = True) -> dict[str, torch.Tensor]:
         pixels = dict(self.image_processor(images=images, return_tensors="pt"))
-        merge = int(getattr(self.image_processor, "merge_size", 1)) ** 2
         placeholder = self.tokenizer.convert_ids_to_tokens(int(self.config.image_token_id))
         parts = text.split(placeholder)
         if len(parts) - 1 != len(images):
             raise DataError(f"the prompt has {len(parts) - 1} image placeholders for {len(images)} images")
-        counts = [int(g.prod()) // merge for g in pixels["image_grid_thw"]]
-        # as Qwen2-VL's processor: the placeholder repeated with nothing between (a space would be a token)
-        text = parts[0] + "".join(placeholder * n + rest for n, rest in zip(counts, parts[1:]))
+        expanded = self.adapter.fallback_image_text(self.config, pixels, self.image_processor, placeholder)
+        text = parts[0] + "".join(e + rest for e, rest in zip(expanded, parts[1:]))
         out = dict(self.tokenizer(text, return_tensors="pt", add_special_tokens=special))
         out.update(pixels)
         return out

@@ -34,17 +34,22 @@ def mod_class_for(layer_cls: type) -> type:
 
 
 def convert_layer(layer: nn.Module, ratio: float, context: RoutingContext, *, hidden_size: int,
-                  alpha: float, beta: float, bias: bool) -> nn.Module:
-    """Make ``layer`` an MoD layer keeping ``ratio`` of the target tokens (idempotent: updates settings)."""
-    if not hasattr(layer, "mlp") or not hasattr(layer, "self_attn"):
-        raise PmodError(f"{type(layer).__name__} has no mlp/self_attn; this decoder layer cannot be routed")
+                  alpha: float, beta: float, bias: bool, mlp_branch: str = "mlp") -> nn.Module:
+    """Make ``layer`` an MoD layer keeping ``ratio`` of the target tokens (idempotent: updates settings).
+
+    ``mlp_branch``: the child whose output is the MLP branch added to the residual (STRing scales it): ``mlp``,
+    or the norm after it in sandwich-norm layers (Gemma 2/3, GLM-4V; the adapter's ``mlp_branch``).
+    """
+    if not hasattr(layer, "mlp") or not hasattr(layer, "self_attn") or not hasattr(layer, mlp_branch):
+        raise PmodError(f"{type(layer).__name__} has no mlp/self_attn/{mlp_branch}; this decoder layer cannot be routed")
     if not isinstance(layer, MoDLayerMixin):
         # A quantized layer's first parameter may be a packed integer weight: take a floating one (a norm).
         param = next((p for p in layer.parameters() if p.is_floating_point()), next(layer.parameters()))
         layer.__class__ = mod_class_for(type(layer))
         layer.add_module(ROUTER_NAME, TanhNormRouter(hidden_size, alpha=alpha, beta=beta, bias=bias,
                                                      dtype=param.dtype, device=router_device(layer)))
-        layer.mlp.register_forward_hook(layer._pmod_capture_mlp)
+        getattr(layer, mlp_branch).register_forward_hook(layer._pmod_capture_mlp)
+        layer.pmod_mlp_branch = mlp_branch
         layer._pmod_capturing, layer._pmod_mlp_out = False, None
     _route_under_accelerate(layer)
     router = getattr(layer, ROUTER_NAME)
