@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -89,17 +90,112 @@ class VisionLayout:
         return f"{len(self.sizes)} image(s) of {what} px"
 
 
+def _nearest(options: list[tuple[int, tuple[tuple[int, int], ...]]], n: int) -> VisionLayout:
+    # Closest count; ties go to fewer images, then to the squarer image.
+    def key(option):
+        tokens, sizes = option
+        return abs(tokens - n), len(sizes), sum(abs(h - w) for h, w in sizes)
+
+    tokens, sizes = min(options, key=key)
+    return VisionLayout(tuple(sizes), tokens)
+
+
+def _square_factors(n: int) -> tuple[int, int]:
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return a, n // a
+
+
+def _layout_llava(config: Any, n: int) -> VisionLayout:
+    from .adapters.llava import image_tokens
+
+    per_image, s = image_tokens(config), config.vision_config.image_size
+    k = max(1, round(n / per_image))
+    return VisionLayout(((s, s),) * k, k * per_image)
+
+
+def _layout_qwen(config: Any, n: int) -> VisionLayout:
+    from .adapters.qwen2_vl import grid_tokens, image_grid
+
+    unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    a, b = _square_factors(n)  # a x b merged patches: exactly n tokens
+    size = (a * unit, b * unit)
+    return VisionLayout((size,), grid_tokens(config, image_grid(config, *size)))
+
+
+def _layout_idefics(config: Any, n: int) -> VisionLayout:
+    from .adapters.idefics3 import image_tokens, tile_tokens
+
+    s = config.vision_config.image_size
+    tiles = max(1, round(n / tile_tokens(config)))
+    if tiles <= 2:  # one image of one tile, or two of them (a split image has at least 2 + 1 tiles)
+        return VisionLayout(((s, s),) * tiles, tiles * image_tokens(config, s, s))
+    r, c = _square_factors(tiles - 1)  # a split image: rows * cols tiles + 1 global tile
+    return VisionLayout(((r * s, c * s),), image_tokens(config, r * s, c * s))
+
+
+def _anyres_table(config: Any, count: Callable[[int, int], int]) -> dict[int, tuple[int, int]]:
+    """Vision tokens of one any-res image -> the squarest (height, width) giving it, over a size grid."""
+    patch = config.vision_config.patch_size
+    top = max(max(p) for p in config.image_grid_pinpoints)
+    step = patch * max(1, math.ceil(top / (patch * 80)))  # at most ~80 sizes per side
+    table: dict[int, tuple[int, int]] = {}
+    for h in range(step, top + 1, step):
+        for w in range(step, top + 1, step):
+            tokens = count(h, w)
+            best = table.get(tokens)
+            if best is None or abs(h - w) < abs(best[0] - best[1]):
+                table[tokens] = (h, w)
+    return table
+
+
+def _layout_llava_next(config: Any, n: int) -> VisionLayout:
+    from .adapters.llava_next import image_tokens
+
+    table = _anyres_table(config, lambda h, w: image_tokens(config, h, w))
+    options = []
+    for k in range(1, max(1, math.ceil(n / min(table))) + 1):
+        if k > 64:
+            break
+        per = min(table, key=lambda t: abs(t - n / k))
+        options.append((k * per, (table[per],) * k))
+    return _nearest(options, n)
+
+
+def _layout_onevision(config: Any, n: int) -> VisionLayout:
+    from .adapters.llava_onevision import image_tokens
+
+    # An image alone in its row is tiled any-res; images of multi-image rows use the base tile only.
+    table = _anyres_table(config, lambda h, w: image_tokens(config, h, w, single_image_row=True))
+    options = [(t, (size,)) for t, size in table.items()]
+    s = config.vision_config.image_size
+    base = image_tokens(config, s, s, single_image_row=False)
+    k = max(2, round(n / base))
+    options.append((k * base, ((s, s),) * k))
+    return _nearest(options, n)
+
+
+_LAYOUTS: dict[str, Callable[[Any, int], VisionLayout]] = {
+    "llava": _layout_llava,
+    "llava_next": _layout_llava_next,
+    "llava_onevision": _layout_onevision,
+    "qwen2_vl": _layout_qwen,
+    "qwen2_5_vl": _layout_qwen,
+    "idefics3": _layout_idefics,
+    "smolvlm": _layout_idefics,
+}
+
+
 def vision_layout(config: Any, vision_tokens: int) -> VisionLayout:
     """The images of one row whose vision-token count is nearest to ``vision_tokens`` for this family.
 
-    The family's adapter answers (``ArchitectureAdapter.vision_layout``): exact for dynamic-resolution families
-    (an a x b patch grid); multiples of the per-image or per-tile count for fixed-size ones; the nearest count
-    over a grid of image sizes for the any-res families.
+    Exact for Qwen2-VL / Qwen2.5-VL (an a x b patch grid); multiples of the per-image count for
+    LLaVA-1.5 and of the per-tile count for Idefics3 / SmolVLM; the nearest count over a grid of image
+    sizes for the any-res families (LLaVA-NeXT, LLaVA-OneVision).
     """
     if vision_tokens == 0:
         return VisionLayout((), 0)
-    sizes, tokens = get_adapter(config).vision_layout(config, vision_tokens)
-    return VisionLayout(tuple(tuple(int(x) for x in size) for size in sizes), int(tokens))
+    family = get_adapter(config).family
+    return _LAYOUTS[family](config, vision_tokens)
 
 
 @dataclass
@@ -459,7 +555,7 @@ def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, 
     runs per model follow ``warmup`` untimed ones and, with ``memory``, one untimed peak-memory run per
     model. KV-cache bytes are read in every run, off the clock (the last timed run is reported).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress as tqdm  # ETA on a terminal, periodic lines when piped
 
     from .efficiency import TextShape, default_vision_tokens, estimate
 

@@ -154,6 +154,16 @@ def progress_iter(iterable: Iterable[Any], desc: str = "", unit: str = "it", *, 
             bar.update(1)
 
 
+def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
+             disable: bool = False, leave: bool = False, initial: int = 0, dynamic_ncols: bool = True) -> Any:
+    """tqdm's calling convention over :class:`Progress`: with ``iterable``, an iterator over it with a
+    display; without, a :class:`Progress` of ``total`` units (``update``, ``set_postfix``,
+    ``set_description``, ``close``). ``dynamic_ncols`` is accepted for tqdm compatibility (always on)."""
+    if iterable is None:
+        return Progress(total=total, desc=desc, unit=unit, disable=disable, leave=leave, initial=initial)
+    return progress_iter(iterable, desc=desc, unit=unit, total=total, disable=disable)
+
+
 @contextlib.contextmanager
 def quiet_library_bars() -> Iterator[None]:
     """Turn off transformers' and huggingface_hub's own progress bars inside the block (restored after)."""
@@ -166,6 +176,36 @@ def quiet_library_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+# Known library notices that say nothing a user can act on, each matched exactly (logger, message start).
+QUIETED = (
+    # bitsandbytes >= 0.49 on CPUs with AVX512-BF16, at import (peft imports bitsandbytes whenever it is
+    # installed, so every finetune printed it): the optional `kernels` package is absent and bitsandbytes
+    # uses its own CPU 4-bit kernel instead.
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+)
+
+
+class _DropMessage:
+    """A logging filter that drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_known_noise() -> None:
+    """Drop the :data:`QUIETED` library log records (and only those); safe to call more than once, before or
+    after the libraries are imported."""
+    import logging
+
+    for name, prefix in QUIETED:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
 
 
 def _isatty(stream: Any) -> bool:

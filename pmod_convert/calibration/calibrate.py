@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress as tqdm  # ETA on a terminal, periodic lines when piped
 
 from .. import __version__
 from ..adapters import get_adapter

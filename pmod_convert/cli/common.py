@@ -3,32 +3,120 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from ..errors import PmodError, RecipeError
 from ..recipe import MAX_LAYERS, Recipe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Convert dense multimodal LLMs into Mixture-of-Depths (p-MoD) models.")
+# `pmod-convert --help` lists the commands in the order a conversion uses them; any other command follows.
+PIPELINE_ORDER = ("quickstart", "add-routers", "import-pmod", "inspect", "estimate", "calibrate", "finetune", "export", "generate",
+                  "eval", "bench", "compare")
+HELP = """Convert dense multimodal LLMs into Mixture-of-Depths (p-MoD) models.
+
+Pipeline: add-routers -> calibrate -> finetune -> export, then generate / eval / bench; quickstart runs it all
+on a synthetic task. Terms: PRD (progressive ratio decay) is the schedule in which the share of vision tokens a
+layer keeps falls with depth; ARank is a layer's attention rank measured on calibration data (low ARank =
+redundant tokens, a good layer to convert)."""
+
+
+def _no_bool(params: list) -> list:
+    """On/off flags show no ``<bool>`` type in ``--help`` (their help says what they do)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Flags(TyperCommand):
+    def get_params(self, ctx: Any) -> list:
+        return _no_bool(super().get_params(ctx))
+
+
+class _Pipeline(TyperGroup):
+    """The command group: commands listed in pipeline order, flags without ``<bool>``."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+        return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+
+    def get_params(self, ctx: Any) -> list:
+        return _no_bool(super().get_params(ctx))
+
+
+class _App(typer.Typer):
+    def command(self, *args: Any, **kwargs: Any):
+        """Every command gets the flag display above, and its docstring's paragraphs as unwrapped lines (the
+        rich help keeps a docstring's line breaks, which then wrap twice)."""
+        kwargs.setdefault("cls", _Flags)
+
+        def register(func: Any) -> Any:
+            if kwargs.get("help") is None and func.__doc__:
+                paragraphs = inspect.cleandoc(func.__doc__).split("\n\n")
+                kwargs["help"] = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+            return typer.Typer.command(self, *args, **kwargs)(func)
+
+        return register
+
+
+from ..progress import quiet_known_noise  # noqa: E402
+
+quiet_known_noise()  # before any command imports peft (which imports bitsandbytes)
+
+app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Pipeline, help=HELP)
 console = Console(stderr=True)
 out_console = Console()
 
+MAX_THREADS = 4096
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", help="CPU threads torch uses for this command (default: torch's choice, usually every core).")]
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` after checking the value (None: leave torch's default).
+
+    Raises:
+        RecipeError: ``threads`` is not in 1..4096.
+    """
+    if threads is None:
+        return
+    if not 1 <= threads <= MAX_THREADS:
+        raise RecipeError(f"--threads must be in 1..{MAX_THREADS}, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
 
 def one_line_errors(func):
-    """Library errors become ``error: <message>`` on stderr and a non-zero exit code."""
+    """Library errors become ``error: <message>`` on stderr and a non-zero exit code.
+
+    Every command decorated with it also gets ``--threads`` (torch's CPU threads for the command), and runs
+    with transformers' own loading bars off, so only the toolkit's progress shows (``pmod_convert.progress``).
+    """
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, threads: int | None = None, **kwargs):
+        from ..progress import quiet_library_bars
+
         try:
-            return func(*args, **kwargs)
+            set_threads(threads)
+            with quiet_library_bars():
+                return func(*args, **kwargs)
         except PmodError as exc:
             console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
+    signature = inspect.signature(func, eval_str=True)
+    if "threads" not in signature.parameters:
+        extra = inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ThreadsOpt)
+        wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
+        wrapper.__annotations__ = {**getattr(func, "__annotations__", {}), "threads": ThreadsOpt}
     return wrapper
 
 

@@ -17,7 +17,7 @@ def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A pmod checkpoint (routing applied) or a dense checkpoint.")],
     data: Annotated[Path, typer.Option("--data", help="LLaVA-style JSON/JSONL; the last gpt turn of each row is the reference.")],
     image_folder: Annotated[Optional[Path], typer.Option("--image-folder", help="Folder the rows' image paths are relative to (default: the data file's folder).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for predictions.jsonl and summary.json (default: eval-<checkpoint name>).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for predictions.jsonl and summary.json (default: none, the table is only printed).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Questions generated together (left-padded).")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer generated.")] = 16,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N usable rows.")] = None,
@@ -28,14 +28,14 @@ def eval_cmd(
     allow_pickle: AllowPickleOpt = False,
     allow_outside_images: AllowOutsideImagesOpt = False,
 ) -> None:
-    """Generate answers greedily, score them (normalised exact match, multiple-choice letters), write a summary."""
+    """Answer a question set greedily and score it (normalised exact match, multiple-choice letters); --out keeps the
+    predictions and summary."""
     from ..errors import RecipeError
     from ..evaluation import evaluate
 
     for name, value, high in (("--batch-size", batch_size, 4096), ("--max-new-tokens", max_new_tokens, 1 << 16)):
         if not 1 <= value <= high:  # before the model is loaded or anything allocated
             raise RecipeError(f"{name} must be in 1..{high}, got {value}")
-    out = out if out is not None else Path(f"eval-{checkpoint.resolve().name}")
     summary = evaluate(checkpoint, data, image_folder, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
                        limit=limit, skip_bad_rows=skip_bad_rows, overwrite=overwrite, device=device, dtype=dtype,
                        allow_pickle=allow_pickle, allow_outside_images=allow_outside_images)
@@ -48,4 +48,8 @@ def eval_cmd(
     out_console.print(table)
     if summary.skipped:
         console.print(f"skipped {summary.skipped} bad rows", highlight=False)
-    console.print(f"wrote {out}/predictions.jsonl and {out}/summary.json ({summary.seconds:.1f} s)", highlight=False)
+    if out is not None:
+        console.print(f"wrote {out}/predictions.jsonl and {out}/summary.json ({summary.seconds:.1f} s)", highlight=False)
+    else:
+        console.print(f"{summary.seconds:.1f} s; nothing written (pass --out DIR for predictions.jsonl and summary.json)",
+                      highlight=False)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress as tqdm  # ETA on a terminal, periodic lines when piped
 
 from ..checkpoint import atomic_folder
 from ..data import SampleEncoder, collate, read_samples

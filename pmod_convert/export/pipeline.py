@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
-from tqdm.auto import tqdm
+from ..progress import progress as tqdm  # ETA on a terminal, periodic lines when piped
 
 from ..adapters import get_adapter
 from ..adapters.base import unwrap

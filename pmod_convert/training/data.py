@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from ..progress import progress as tqdm  # ETA on a terminal, periodic lines when piped
 
 from ..data import IGNORE, DataError, Sample, SampleEncoder, collate, read_samples
 from .settings import FinetuneSettings

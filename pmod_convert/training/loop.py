@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data import IGNORE, model_inputs
 from ..devices import to_device
 from ..errors import CheckpointError, RecipeError
+from ..progress import Progress
 from .checkpoints import (
     STATE_FILE,
     list_checkpoints,
@@ -323,8 +323,8 @@ class TrainingLoop:
         use_rank = self.teacher is not None and self.teacher.attention and settings.router_rank_coef > 0
         n_mod = len(self.teacher.layers) if self.teacher is not None else 0
         ce_weight = {"ce": 1.0, "mix": settings.ce_weight, "kl": 0.0}[settings.loss] if use_kl else 1.0
-        bar = tqdm(total=self.total_steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True,
-                   disable=not (acc.is_main_process and self.show_progress))
+        bar = Progress(total=self.total_steps, initial=start, desc="finetune", unit="step",
+                       disable=not (acc.is_main_process and self.show_progress))
         self.model.train()
         with taps as tap, text as text_routing, bar:
             t0 = time.perf_counter()  # step time includes reading and encoding its batches
