@@ -202,6 +202,52 @@ def test_device_map_with_cpu_and_disk_offload_routes_like_one_device(tmp_path):
         assert torch.equal(offloaded.generate(**inputs, **kw), one.generate(**inputs, **kw))
 
 
+def test_device_map_auto_and_a_max_memory_map_route_like_one_device(tmp_path):
+    """``device_map="auto"``, and the map accelerate infers under a ``max_memory`` budget too small for the model
+    (layers spill to "disk"), as README's recipe: routers on each layer's execution device, logits and greedy
+    generation equal to the single-device run."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+
+    from pmod_convert import load_pretrained, save_pretrained
+    from pmod_convert.adapters import get_adapter
+    from pmod_convert.api import mod_layers
+    from pmod_convert.mod.inject import router_device
+    from pmod_convert.tiny import save_tiny_checkpoint
+
+    save_tiny_checkpoint("llava", tmp_path / "dense")
+    mod, config = mod_model()
+    save_pretrained(mod, tmp_path / "mod", source=tmp_path / "dense")
+    one = load_pretrained(tmp_path / "mod")
+    inputs = batch_inputs("llava", config)
+    ref = logits_of(one, inputs)
+    kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=list(range(RESERVED)))
+    with torch.no_grad():
+        ref_tokens = one.generate(**inputs, **kw)
+
+    auto = load_pretrained(tmp_path / "mod", device_map="auto")
+    # no accelerator here: "auto" places everything on CPU (transformers then records no map)
+    assert set(getattr(auto, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
+    assert {p.device.type for p in auto.parameters()} == {"cpu"}
+
+    with init_empty_weights():
+        skeleton = get_adapter(config).model_cls()(config)
+    layer_bytes = sum(p.numel() * p.element_size() for p in skeleton.model.language_model.layers[0].parameters())
+    budget = {"cpu": int(sum(p.numel() * p.element_size() for p in skeleton.parameters()) - 2.5 * layer_bytes)}
+    device_map = infer_auto_device_map(skeleton, max_memory=budget,
+                                       no_split_module_classes=[type(skeleton.model.language_model.layers[0]).__name__])
+    assert "disk" in device_map.values(), device_map  # the budget really forces offload
+    spilled = load_pretrained(tmp_path / "mod", device_map=device_map)
+
+    for model in (auto, spilled):
+        for _, layer in mod_layers(model):
+            router = getattr(layer, ROUTER_NAME)
+            assert all(p.device == router_device(layer) and p.device.type == "cpu" for p in router.parameters())
+        torch.testing.assert_close(logits_of(model, inputs), ref, rtol=0, atol=0)
+        assert routed_layers(model) == [0, 1, 3]
+        with torch.no_grad():
+            assert torch.equal(model.generate(**inputs, **kw), ref_tokens)
+
+
 # ---- inputs_embeds with merged image features ----------------------------------------------------
 def merged_embeds(model, inputs):
     """The inputs_embeds the language model receives (image features already merged), captured from a forward."""
