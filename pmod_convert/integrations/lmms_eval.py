@@ -26,6 +26,7 @@ checkpoint's own processor and chat template (:class:`pmod_convert.data.SampleEn
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import defaultdict
@@ -69,6 +70,10 @@ class PmodLMM(lmms):
                  batch_size: int | str = 1, max_new_tokens: int | str = 128, device_map: str | None = None,
                  allow_pickle: bool | str = False, **kwargs: Any) -> None:
         super().__init__()
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise RecipeError("the pmod lmms-eval model runs in one process (each process would answer every "
+                              "request); run `python -m lmms_eval` once, with device_map=auto to spread a model over "
+                              "several GPUs")
         unknown = sorted(k for k in kwargs if k not in _LMMS_EVAL_ARGS)
         if unknown:
             raise RecipeError(f"unknown --model_args for pmod: {', '.join(unknown)}; known: pretrained, device, dtype, "
