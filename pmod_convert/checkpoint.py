@@ -80,7 +80,8 @@ def check_config_numbers(config: dict, where: str | Path = "config.json") -> Non
 
 def check_pmod_section(config: dict, where: str | Path = "config.json") -> None:
     """Refuse a stored ``pmod`` section whose ``layer_ratios`` are not a list of retention ratios in (0, 1]
-    (or null for dense layers) or whose router ``tanh_alpha`` / ``tanh_beta`` are not finite numbers."""
+    (or null for dense layers), whose ``position_prior`` (optional) is not one finite number or null per layer,
+    or whose router ``tanh_alpha`` / ``tanh_beta`` are not finite numbers."""
     pmod = config.get("pmod")
     if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
         return
@@ -94,6 +95,15 @@ def check_pmod_section(config: dict, where: str | Path = "config.json") -> None:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and 0 < r <= 1):
             raise CheckpointError(f"{where}: pmod.layer_ratios[{i}] is {r!r}, not a retention ratio in (0, 1] (or "
                                   "null for a dense layer); the checkpoint is corrupt")
+    priors = pmod.get("position_prior")
+    if priors is not None:
+        if not isinstance(priors, list) or len(priors) != len(ratios):
+            raise CheckpointError(f"{where}: pmod.position_prior must be a list with one entry per layer "
+                                  f"({len(ratios)}), got {str(priors)[:60]}; the checkpoint is corrupt")
+        for i, p in enumerate(priors):
+            if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p)):
+                raise CheckpointError(f"{where}: pmod.position_prior[{i}] is {p!r}, not a finite number (or null); "
+                                      "the checkpoint is corrupt")
     router = pmod.get("router") or {}
     if not isinstance(router, dict):
         raise CheckpointError(f"{where}: pmod.router must be a mapping; the checkpoint is corrupt")

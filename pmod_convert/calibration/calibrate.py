@@ -43,6 +43,8 @@ from .warm_start import (
     AgreementMeter,
     RouterFit,
     RouterFitter,
+    order_candidates,
+    position_priors,
     select_routers,
     set_routers,
 )
@@ -52,6 +54,7 @@ log = logging.getLogger("pmod_convert")
 LAYER_SELECTIONS = ("prd", "arank")
 SHAPES = ("cosine", "measured")
 PROFILES = ("arank", "vision_change", "text_to_vision")
+MIN_ANSWER_POSITIONS = 8  # router choice on answer-position KL from this many answer tokens on
 VALIDATION_SHARE = 0.25  # of the fit split, used to choose between fitted and zero routers
 
 
@@ -204,6 +207,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     solution = solve_budget(workload, curve=curve, order=order, **budget_args)
     mod_layers = [i for i, r in enumerate(solution.ratios) if r is not None]
     candidates = {t: {i: fitter.solve(i, t) for i in mod_layers} for t in router_targets} if fitter else {}
+    if candidates:
+        candidates.update(order_candidates(candidates[router_targets[0]], hidden, logit_std))
 
     # 6. convert, choose routers on validation, compare on held-out, write
     recipe = Recipe(router=router, schedule=solution.settings, dtype=dtype or "auto").validate()
@@ -218,6 +223,9 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
             set_routers(layers, fits)
             agreement["warm_start"] = _agreement(model, items, references, run_device, progress, "warm start")
     set_routers(layers, fits if warm_start else None)
+    priors = position_priors(layers)
+    if any(priors):
+        model.config.pmod["position_prior"] = priors
 
     report = clean(_report(
         checkpoint=checkpoint, data=data, ids=ids, fit=fit, held=held, skipped=dataset.skipped + skipped,
@@ -327,19 +335,24 @@ def _workload(items: list[dict], vision_ids: list[int], shape: TextShape, tower_
 
 
 def _choose_routers(model, layers, items, mod_layers, candidates, val_refs, device, progress):
-    """Per MoD layer a fitted router or the zero router, chosen on the validation references (see
+    """Per MoD layer a fitted router, an order-prior router or the zero router, chosen on the validation
+    references by KL to the dense model at answer positions (at every text position after the first vision
+    token when the validation rows hold fewer than ``MIN_ANSWER_POSITIONS`` answer tokens; see
     ``select_routers``); without validation samples, the first target's fits."""
     if not candidates:
         return {}, []
     if not val_refs:
         return next(iter(candidates.values())), []
-    bar = tqdm(total=1 + len(mod_layers) * len(candidates), desc="choosing routers (validation)",
+    trials = 1 + len(candidates) + len(mod_layers) * (len(candidates) + 1)
+    bar = tqdm(total=trials, desc="choosing routers (validation)",
                disable=not progress, leave=False)
 
     def validation_kl(trial: dict[int, RouterFit]) -> float:
         set_routers(layers, trial)
         bar.update(1)
-        return _agreement(model, items, val_refs, device, False, "")["kl"]
+        result = _agreement(model, items, val_refs, device, False, "")
+        # Answer positions decide (what a user's accuracy depends on); with too few of them, every text position.
+        return result["answer_kl"] if result["answer_positions"] >= MIN_ANSWER_POSITIONS else result["kl"]
 
     try:
         return select_routers(mod_layers, candidates, validation_kl)
@@ -468,8 +481,8 @@ def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, so
             "dense_flops": row.dense_flops, "mod_flops": row.mod_flops,
             "dense_kv_bytes": row.dense_kv_bytes, "mod_kv_bytes": row.mod_kv_bytes,
             "router": None if solution.ratios[m.layer] is None or not options["warm_start"] else {
-                "choice": choice[m.layer]["choice"] if m.layer in choice else (
-                    router_fit.target if router_fit is not None else "zero"),
+                "choice": router_fit.target if router_fit is not None else "zero",
+                "position_prior": 0.0 if router_fit is None else router_fit.prior,
                 "validation_kl": choice[m.layer]["candidates"] if m.layer in choice else None,
                 "fit_tokens": None if router_fit is None else router_fit.tokens,
                 "target_correlation": None if router_fit is None else router_fit.correlation,
@@ -508,6 +521,7 @@ def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, so
                             "KL(dense || MoD) in nats, at the same schedule",
             "zero_routers": zero,
             "warm_start": warm,
+            "all_layers_validation_kl": choice["all"]["candidates"] if "all" in choice else None,
         },
     }
 

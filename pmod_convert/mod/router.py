@@ -13,7 +13,17 @@ class TanhNormRouter(nn.Linear):
 
     With zero weights and bias the weight is exactly ``beta`` (1 by default), so a fresh router leaves
     the model's computation unchanged.
+
+    ``position_prior`` (a float, not a parameter; stored per layer in ``config.json`` ``pmod.position_prior``)
+    adds ``prior * u`` to the logits for *selection only*, where ``u`` in [0, 1] is a vision token's place
+    among its sample's vision tokens (0 = first, 1 = last): with a zero router, ``prior > 0`` keeps the last
+    ``k`` vision tokens, 0 the first ``k`` (stable sort). Calibration chooses it per layer by measured
+    agreement with the dense model (under causal attention the last vision tokens have read the whole
+    image; on some models keeping them loses far less than keeping the first ones). It never changes the
+    TanhNorm weights, so the model's outputs at ratio 1.0 are unchanged.
     """
+
+    position_prior: float = 0.0
 
     def __init__(self, hidden_size: int, *, alpha: float = 0.2, beta: float = 1.0, bias: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -34,5 +44,55 @@ class TanhNormRouter(nn.Linear):
     def token_weights(self, logits: torch.Tensor) -> torch.Tensor:
         return self.alpha * torch.tanh(logits) + self.beta
 
+    def selection_scores(self, logits: torch.Tensor, targets: torch.Tensor,
+                         segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores ``[batch, seq]`` that top-k selection ranks: ``logits + position_prior * u``.
+
+        ``targets`` ``[batch, seq]`` bool (the routed vision tokens); ``segments`` ``[batch, seq]`` long (sample
+        index of packed rows, see ``select_tokens``) or None. ``u`` is the target's index among its sample's
+        targets divided by ``(count - 1)``, so left padding and packing leave it unchanged.
+        """
+        if not self.position_prior:
+            return logits
+        return logits + self.position_prior * relative_positions(targets, segments).to(logits.dtype)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.alpha}, beta={self.beta}"
+        text = f"{nn.Linear.extra_repr(self)}, alpha={self.alpha}, beta={self.beta}"
+        return text + (f", position_prior={self.position_prior}" if self.position_prior else "")
+
+
+def relative_positions(targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """``u`` ``[batch, seq]`` float32: each target's index among its sample's targets over ``count - 1``
+    (0 for the first, 1 for the last, 0 for a lone target and for non-targets).
+
+    ``targets`` ``[batch, seq]`` bool; ``segments`` ``[batch, seq]`` long, non-decreasing per row (packed
+    samples), or None (one sample per row).
+    """
+    t = targets.long()
+    if segments is None:
+        index = t.cumsum(1) - 1
+        count = t.sum(1, keepdim=True)
+    else:
+        segments = segments.long()
+        n_seg = int(segments.max()) + 1 if segments.numel() else 1
+        per_seg = torch.zeros(t.shape[0], n_seg, dtype=torch.long, device=t.device).scatter_add_(1, segments, t)
+        before = per_seg.cumsum(1) - per_seg  # targets in earlier samples of the row
+        index = t.cumsum(1) - 1 - before.gather(1, segments)
+        count = per_seg.gather(1, segments)
+    u = index.float() / (count - 1).clamp_min(1).float()
+    return torch.where(targets, u, torch.zeros_like(u))
+
+
+def set_position_priors(layers, priors) -> None:
+    """Set ``position_prior`` of every MoD layer's router from a per-layer list (None / absent = 0).
+
+    Raises ``ValueError`` when ``priors`` does not have one entry per layer.
+    """
+    priors = list(priors) if priors is not None else [None] * len(layers)
+    if len(priors) != len(layers):
+        raise ValueError(f"position_prior has {len(priors)} entries for {len(layers)} decoder layers")
+    for layer, prior in zip(layers, priors):
+        router = getattr(layer, ROUTER_NAME, None)
+        if router is not None:
+            router.position_prior = float(prior or 0.0)
+
