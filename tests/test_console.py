@@ -128,6 +128,7 @@ def test_threads_on_every_command_and_eval_writes_nothing_unless_asked(dense, qu
     assert list(tmp_path.iterdir()) == []  # no ./eval-* folder
     assert "nothing written (pass --out DIR" in output
     assert "eval: done, 2/2 samples" in output  # piped (not a TTY): plain progress lines
+    assert "Loading weights" not in output  # transformers' own bars are off inside commands
     code, output = run("eval", dense, "--data", questions, "--device", "cpu", "--threads", "0")
     assert code != 0 and "--threads must be in 1..4096" in one_error_line(output)
     for command in ("add-routers", "calibrate", "finetune", "export", "generate", "bench", "inspect", "estimate",
