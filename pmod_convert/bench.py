@@ -59,6 +59,8 @@ __all__ = [
     "format_report",
     "pair_from_checkpoint",
     "pair_from_shape",
+    "pinned_threads",
+    "ratio_spread",
     "report_header",
     "report_rows",
     "save_report",
@@ -90,112 +92,17 @@ class VisionLayout:
         return f"{len(self.sizes)} image(s) of {what} px"
 
 
-def _nearest(options: list[tuple[int, tuple[tuple[int, int], ...]]], n: int) -> VisionLayout:
-    # Closest count; ties go to fewer images, then to the squarer image.
-    def key(option):
-        tokens, sizes = option
-        return abs(tokens - n), len(sizes), sum(abs(h - w) for h, w in sizes)
-
-    tokens, sizes = min(options, key=key)
-    return VisionLayout(tuple(sizes), tokens)
-
-
-def _square_factors(n: int) -> tuple[int, int]:
-    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
-    return a, n // a
-
-
-def _layout_llava(config: Any, n: int) -> VisionLayout:
-    from .adapters.llava import image_tokens
-
-    per_image, s = image_tokens(config), config.vision_config.image_size
-    k = max(1, round(n / per_image))
-    return VisionLayout(((s, s),) * k, k * per_image)
-
-
-def _layout_qwen(config: Any, n: int) -> VisionLayout:
-    from .adapters.qwen2_vl import grid_tokens, image_grid
-
-    unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
-    a, b = _square_factors(n)  # a x b merged patches: exactly n tokens
-    size = (a * unit, b * unit)
-    return VisionLayout((size,), grid_tokens(config, image_grid(config, *size)))
-
-
-def _layout_idefics(config: Any, n: int) -> VisionLayout:
-    from .adapters.idefics3 import image_tokens, tile_tokens
-
-    s = config.vision_config.image_size
-    tiles = max(1, round(n / tile_tokens(config)))
-    if tiles <= 2:  # one image of one tile, or two of them (a split image has at least 2 + 1 tiles)
-        return VisionLayout(((s, s),) * tiles, tiles * image_tokens(config, s, s))
-    r, c = _square_factors(tiles - 1)  # a split image: rows * cols tiles + 1 global tile
-    return VisionLayout(((r * s, c * s),), image_tokens(config, r * s, c * s))
-
-
-def _anyres_table(config: Any, count: Callable[[int, int], int]) -> dict[int, tuple[int, int]]:
-    """Vision tokens of one any-res image -> the squarest (height, width) giving it, over a size grid."""
-    patch = config.vision_config.patch_size
-    top = max(max(p) for p in config.image_grid_pinpoints)
-    step = patch * max(1, math.ceil(top / (patch * 80)))  # at most ~80 sizes per side
-    table: dict[int, tuple[int, int]] = {}
-    for h in range(step, top + 1, step):
-        for w in range(step, top + 1, step):
-            tokens = count(h, w)
-            best = table.get(tokens)
-            if best is None or abs(h - w) < abs(best[0] - best[1]):
-                table[tokens] = (h, w)
-    return table
-
-
-def _layout_llava_next(config: Any, n: int) -> VisionLayout:
-    from .adapters.llava_next import image_tokens
-
-    table = _anyres_table(config, lambda h, w: image_tokens(config, h, w))
-    options = []
-    for k in range(1, max(1, math.ceil(n / min(table))) + 1):
-        if k > 64:
-            break
-        per = min(table, key=lambda t: abs(t - n / k))
-        options.append((k * per, (table[per],) * k))
-    return _nearest(options, n)
-
-
-def _layout_onevision(config: Any, n: int) -> VisionLayout:
-    from .adapters.llava_onevision import image_tokens
-
-    # An image alone in its row is tiled any-res; images of multi-image rows use the base tile only.
-    table = _anyres_table(config, lambda h, w: image_tokens(config, h, w, single_image_row=True))
-    options = [(t, (size,)) for t, size in table.items()]
-    s = config.vision_config.image_size
-    base = image_tokens(config, s, s, single_image_row=False)
-    k = max(2, round(n / base))
-    options.append((k * base, ((s, s),) * k))
-    return _nearest(options, n)
-
-
-_LAYOUTS: dict[str, Callable[[Any, int], VisionLayout]] = {
-    "llava": _layout_llava,
-    "llava_next": _layout_llava_next,
-    "llava_onevision": _layout_onevision,
-    "qwen2_vl": _layout_qwen,
-    "qwen2_5_vl": _layout_qwen,
-    "idefics3": _layout_idefics,
-    "smolvlm": _layout_idefics,
-}
-
-
 def vision_layout(config: Any, vision_tokens: int) -> VisionLayout:
     """The images of one row whose vision-token count is nearest to ``vision_tokens`` for this family.
 
-    Exact for Qwen2-VL / Qwen2.5-VL (an a x b patch grid); multiples of the per-image count for
-    LLaVA-1.5 and of the per-tile count for Idefics3 / SmolVLM; the nearest count over a grid of image
-    sizes for the any-res families (LLaVA-NeXT, LLaVA-OneVision).
+    The family's adapter answers (``ArchitectureAdapter.vision_layout``): exact for dynamic-resolution families
+    (an a x b patch grid); multiples of the per-image or per-tile count for fixed-size ones; the nearest count
+    over a grid of image sizes for the any-res families.
     """
     if vision_tokens == 0:
         return VisionLayout((), 0)
-    family = get_adapter(config).family
-    return _LAYOUTS[family](config, vision_tokens)
+    sizes, tokens = get_adapter(config).vision_layout(config, vision_tokens)
+    return VisionLayout(tuple(tuple(int(x) for x in size) for size in sizes), int(tokens))
 
 
 @dataclass
@@ -472,6 +379,14 @@ class BenchReport:
     memory_method: str
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    # dense / MoD decode time (= MoD / dense tokens/s) of each alternating pair; empty without decode
+    decode_ratio_per_repeat: list[float] = field(default_factory=list)
+    # per measured ratio ("prefill_time", "decode_tokens_per_s"): median, quartiles, min, max of the pair ratios,
+    # relative spread (q3 - q1) / median, number of pairs (see ratio_spread)
+    spread: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    target_spread: float | None = None  # repeats continued until every spread was at most this (or max_repeats)
+    converged: bool | None = None  # whether that happened; None when repeats were fixed
+    pinned_cpus: list[int] | None = None  # the CPUs the process was pinned to while measuring (None: not pinned)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -544,17 +459,81 @@ def _check_pair(mod_model: nn.Module, dense_model: nn.Module) -> list[float | No
     return [info.ratio for info in layer_infos(mod_model)]
 
 
+def ratio_spread(pairs: list[float]) -> dict[str, float]:
+    """Spread of per-pair ratios: median, q1, q3 (inclusive quartiles), min, max, ``rel_spread`` = (q3 - q1) /
+    median (None with fewer than 2 pairs or a zero median), ``n``. Raises ``BenchError`` for an empty list."""
+    if not pairs:
+        raise BenchError("no measured pairs to summarise")
+    med = statistics.median(pairs)
+    if len(pairs) >= 2:
+        q1, _, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
+        rel = (q3 - q1) / med if med else None
+    else:
+        q1 = q3 = med
+        rel = None
+    return {"median": med, "q1": q1, "q3": q3, "min": min(pairs), "max": max(pairs), "rel_spread": rel,
+            "n": len(pairs)}
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[list[int] | None]:
+    """Run the block with ``threads`` torch intra-op threads, the process pinned to that many CPUs.
+
+    The CPUs are the first ``threads`` of the process's current affinity set (Linux ``sched_setaffinity``;
+    elsewhere only the thread count is set and None is yielded). Thread count and affinity are restored after.
+    ``threads=None`` changes nothing and yields None. Raises ``BenchError`` for fewer than 1 thread or more
+    threads than CPUs available.
+    """
+    if threads is None:
+        yield None
+        return
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise BenchError(f"threads must be an integer >= 1, got {threads!r}")
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    if affinity is not None and threads > len(affinity):
+        raise BenchError(f"asked for {threads} threads but the process may run on {len(affinity)} CPU(s)")
+    before = torch.get_num_threads()
+    cpus = affinity[:threads] if affinity is not None else None
+    try:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)
+        yield cpus
+    finally:
+        torch.set_num_threads(before)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+
+
 def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, vision_tokens: int | None = None,
           text_tokens: int = 64, new_tokens: int = 16, warmup: int = 1, repeats: int = 5,
           device: str | torch.device | None = None, seed: int = 0, memory: bool = True, progress: bool = True,
-          label: str | None = None) -> BenchReport:
+          label: str | None = None, max_repeats: int | None = None, target_spread: float = 0.03,
+          threads: int | None = None) -> BenchReport:
     """Measure ``mod_model`` against ``dense_model`` on the same prompts (see the module docstring).
 
     ``vision_tokens=None`` uses one typical image of the family (``efficiency.default_vision_tokens``).
     ``device``: move both models there first (default: where the MoD model is). ``repeats`` timed
     runs per model follow ``warmup`` untimed ones and, with ``memory``, one untimed peak-memory run per
     model. KV-cache bytes are read in every run, off the clock (the last timed run is reported).
+
+    Runs come in alternating pairs (dense, MoD; then MoD, dense; ...) and each pair gives one MoD / dense
+    ratio, so load that drifts over seconds hits both sides of a pair. ``max_repeats`` (> ``repeats``): keep
+    adding pairs until the relative spread (q3 - q1) / median of the per-pair prefill ratios (and decode
+    ratios) is at most ``target_spread``, or ``max_repeats`` pairs were run; ``report.converged`` says which.
+    ``threads``: pin the process to that many CPUs and torch threads while measuring (``pinned_threads``).
     """
+    with pinned_threads(threads) as cpus:
+        report = _bench(mod_model, dense_model, batch_size=batch_size, vision_tokens=vision_tokens,
+                        text_tokens=text_tokens, new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device,
+                        seed=seed, memory=memory, progress=progress, label=label, max_repeats=max_repeats,
+                        target_spread=target_spread)
+    report.pinned_cpus = cpus
+    return report
+
+
+def _bench(mod_model, dense_model, *, batch_size, vision_tokens, text_tokens, new_tokens, warmup, repeats, device,
+           seed, memory, progress, label, max_repeats, target_spread) -> BenchReport:
     from .progress import progress as tqdm  # ETA on a terminal, periodic lines when piped
 
     from .efficiency import TextShape, default_vision_tokens, estimate
@@ -564,6 +543,11 @@ def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, 
         vision_tokens = default_vision_tokens(mod_model.config)
     check_workload(batch_size=batch_size, vision_tokens=vision_tokens, text_tokens=text_tokens,
                    new_tokens=new_tokens, warmup=warmup, repeats=repeats)
+    adaptive = max_repeats is not None and max_repeats > repeats
+    if max_repeats is not None and (not isinstance(max_repeats, int) or max_repeats > MAX_RUNS):
+        raise BenchError(f"max_repeats must be an integer of at most {MAX_RUNS}, got {max_repeats!r}")
+    if not (isinstance(target_spread, (int, float)) and math.isfinite(target_spread) and target_spread > 0):
+        raise BenchError(f"target_spread must be a finite number > 0, got {target_spread!r}")
     device = _resolve_device(device, mod_model)
     mod_model.to(device).eval()
     dense_model.to(device).eval()
@@ -573,8 +557,7 @@ def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, 
     inputs = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
     models = {"dense": dense_model, "mod": mod_model}
-    bar = tqdm(total=2 * (warmup + int(memory) + repeats), desc="bench", unit="run", disable=not progress,
-               file=sys.stderr, leave=False)
+    bar = tqdm(total=2 * (warmup + int(memory) + repeats), desc="bench", unit="run", disable=not progress, leave=False)
     timed: dict[str, list[_Call]] = {"dense": [], "mod": []}
     peaks: dict[str, int | None] = {"dense": None, "mod": None}
     try:
@@ -587,13 +570,20 @@ def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, 
             bar.set_description(f"peak memory {name}")
             peaks[name] = _memory_run(models[name], inputs, new_tokens, device).peak_memory_bytes
             bar.update()
-        for i in range(repeats):
+        i = 0
+        while i < repeats or (adaptive and i < max_repeats and not _settled(timed, target_spread)):
             for name in _order(i):
-                bar.set_description(f"timed {i + 1}/{repeats} {name}")
+                bar.set_description(f"timed {i + 1}/{max(repeats, i + 1)} {name}")
                 timed[name].append(_generate(models[name], inputs, new_tokens, device))
                 bar.update()
+            i += 1
     finally:
         bar.close()
+    repeats = i
+    pair_prefill, pair_decode = _pair_ratios(timed)
+    spread = {"prefill_time": ratio_spread(pair_prefill)}
+    if pair_decode:
+        spread["decode_tokens_per_s"] = ratio_spread(pair_decode)
 
     runs = {name: _model_run(timed[name], peaks[name], batch_size, new_tokens) for name in models}
     element = torch.empty((), dtype=dtype).element_size()
@@ -619,7 +609,9 @@ def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, 
         requested_text_tokens=plan.requested_text_tokens, vision_tokens=plan.vision_tokens,
         text_tokens=plan.text_tokens, prompt_layout=plan.layout, new_tokens=new_tokens, warmup=warmup,
         repeats=repeats, layer_ratios=ratios, dense=d, mod=m, ratios=report_ratios,
-        prefill_ratio_per_repeat=[a / b for a, b in zip(m.prefill_s, d.prefill_s)],
+        prefill_ratio_per_repeat=pair_prefill, decode_ratio_per_repeat=pair_decode, spread=spread,
+        target_spread=target_spread if adaptive else None,
+        converged=_settled(timed, target_spread) if adaptive else None,
         estimate=summary, memory_method=_memory_method(device, memory),
         notes=_notes(plan, new_tokens), versions=_versions(),
     )
@@ -629,6 +621,22 @@ def _memory_method(device: torch.device, measured: bool) -> str:
     if not measured:
         return "peak memory not measured (memory=False)"
     return CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
+
+
+def _pair_ratios(timed: dict[str, list[_Call]]) -> tuple[list[float], list[float]]:
+    """Per alternating pair: MoD / dense prefill time, and dense / MoD decode time (= MoD / dense tokens/s)."""
+    pairs = list(zip(timed["mod"], timed["dense"]))
+    prefill = [m.prefill_s / d.prefill_s for m, d in pairs]
+    decode = [d.decode_s / m.decode_s for m, d in pairs if m.decode_s and d.decode_s]
+    return prefill, decode
+
+
+def _settled(timed: dict[str, list[_Call]], target: float) -> bool:
+    prefill, decode = _pair_ratios(timed)
+    if len(prefill) < 2:
+        return False
+    spreads = [ratio_spread(r)["rel_spread"] for r in (prefill, decode) if r]
+    return all(x is not None and x <= target for x in spreads)
 
 
 def _order(i: int) -> tuple[str, str]:
@@ -794,7 +802,7 @@ def report_rows(report: BenchReport) -> list[tuple[str, str, str, str]]:
 def report_header(report: BenchReport) -> list[str]:
     n_mod = sum(1 for r in report.layer_ratios if r is not None)
     noise = report.prefill_ratio_per_repeat
-    return [
+    lines = [
         report.model,
         (f"{report.family} on {report.device} ({report.device_name}), {report.dtype}, {report.threads} thread(s); "
          f"{n_mod}/{len(report.layer_ratios)} MoD layers"),
@@ -802,7 +810,21 @@ def report_header(report: BenchReport) -> list[str]:
          f"{report.prompt_layout}), {report.new_tokens} new tokens; {report.warmup} warm-up + {report.repeats} "
          "timed runs per model, alternating"),
         "prefill time ratio of each alternating pair: " + ", ".join(f"{x:.3f}" for x in noise),
-    ]
+    ] + [_spread_line(name, report) for name in report.spread]
+    if report.converged is not None:
+        lines.append(f"repeated until every relative spread was <= {report.target_spread:.3f}: "
+                     + ("yes" if report.converged else f"NO, stopped at {report.repeats} pairs; the ratios are noisy"))
+    if report.pinned_cpus is not None:
+        lines.append(f"pinned to CPU(s) {report.pinned_cpus}")
+    return lines
+
+
+def _spread_line(name: str, report: BenchReport) -> str:
+    sp = report.spread[name]
+    what = {"prefill_time": "prefill time", "decode_tokens_per_s": "decode tokens/s"}.get(name, name)
+    return (f"{what} MoD/dense over {sp['n']} pairs: median {sp['median']:.3f}, quartiles {sp['q1']:.3f}-{sp['q3']:.3f}, "
+            f"min-max {sp['min']:.3f}-{sp['max']:.3f}, relative spread "
+            + ("-" if sp["rel_spread"] is None else f"{sp['rel_spread']:.3f}"))
 
 
 def format_report(report: BenchReport) -> str:

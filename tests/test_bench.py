@@ -266,3 +266,28 @@ def test_finetune_sidecar_lora_is_merged_for_timing(tmp_path):
                    progress=False, label=label)
     assert report.mod.cached_tokens_per_layer == [26, 16, 26, 16]
     assert report.dense.peak_memory_bytes is None and "not measured" in report.memory_method
+
+
+def test_ratio_spread_and_adaptive_repeats_with_pinned_threads():
+    from pmod_convert.bench import ratio_spread
+
+    sp = ratio_spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (sp["median"], sp["q1"], sp["q3"], sp["min"], sp["max"], sp["n"]) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+    assert sp["rel_spread"] == pytest.approx(2.0 / 3.0)
+    assert ratio_spread([0.9])["rel_spread"] is None
+    with pytest.raises(BenchError):
+        ratio_spread([])
+
+    mod, dense, _ = pair_from_shape("tiny")
+    kw = dict(vision_tokens=8, text_tokens=4, new_tokens=3, warmup=0, repeats=2, max_repeats=4, memory=False,
+              progress=False, threads=1)
+    noisy = bench(mod, dense, target_spread=1e-12, **kw)  # never settles: runs max_repeats pairs and says so
+    assert noisy.repeats == 4 and noisy.converged is False and len(noisy.prefill_ratio_per_repeat) == 4
+    assert noisy.spread["prefill_time"]["n"] == 4 and noisy.spread["decode_tokens_per_s"]["n"] == 4
+    assert len(noisy.decode_ratio_per_repeat) == 4 and noisy.threads == 1 and len(noisy.pinned_cpus) == 1
+    assert "NO, stopped at 4 pairs" in format_report(noisy)
+    calm = bench(mod, dense, target_spread=1e6, **kw)  # settles after the first repeats
+    assert calm.repeats == 2 and calm.converged is True
+    assert json.loads(calm.to_json())["spread"]["prefill_time"]["n"] == 2
+    with pytest.raises(BenchError, match="target_spread"):
+        bench(mod, dense, target_spread=float("nan"), **kw)
