@@ -197,3 +197,27 @@ def test_lmms_eval_pmod_model_agrees_with_eval(setup, dense, mod, name):
     assert throughput["avg_pmod_kv_ratio_pmod_local_qa"] == pytest.approx(reference["summary"]["kv_ratio"], rel=1e-9)
     assert (ratio == 1.0) == (name == "dense")
     assert "pmod_local_qa: 6 prompts" in output and "estimated decoder FLOPs" in output
+
+
+def test_pmod_model_is_registered_without_the_plugin_variable(tmp_path):
+    # The installed package's entry point (pyproject.toml), read from the installed metadata: run from an empty
+    # folder without PYTHONPATH, so a stale pmod_convert.egg-info in the source tree is not what is read.
+    env = {k: v for k, v in os.environ.items() if k not in ("LMMS_EVAL_PLUGINS", "PYTHONPATH")}
+    code = "from lmms_eval.models import get_model; print(get_model('pmod').__module__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("pmod_convert.integrations.lmms_eval")
+
+
+def test_pmod_model_refuses_unknown_arguments(dense, monkeypatch):
+    from pmod_convert.errors import RecipeError
+    from pmod_convert.integrations.lmms_eval import PmodLMM
+
+    with pytest.raises(RecipeError, match="unknown --model_args for pmod: temperature"):
+        PmodLMM.create_from_arg_string(f"pretrained={dense},temperature=0.2")
+    with pytest.raises(RecipeError, match="batch_size must be a positive integer"):
+        PmodLMM.create_from_arg_string(f"pretrained={dense}", {"batch_size": "many"})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="runs in one process"):
+        PmodLMM.create_from_arg_string(f"pretrained={dense}")

@@ -5,3 +5,11 @@ and imports ``pmod_convert.models.<name>.<class>``; the model itself is
 """
 
 AVAILABLE_MODELS = {"pmod": "PmodLMM"}
+
+
+def lmms_eval_manifest():
+    """lmms-eval's entry point (group ``lmms_eval.models``, declared in pyproject.toml): registers ``pmod``
+    without ``LMMS_EVAL_PLUGINS`` once the package is installed. Imports lmms-eval only when lmms-eval calls it."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="pmod", simple_class_path="pmod_convert.models.pmod.PmodLMM")
