@@ -2,11 +2,12 @@
 
 On a terminal (stderr is a TTY) :class:`Progress` is a tqdm bar whose line always shows elapsed time, the
 estimated time left and the rate. When stderr is a file or a pipe (CI logs, ``nohup``, ``| tee``) a bar
-would print nothing useful, so it writes a plain line when the stage starts, then at most one every
-``PMOD_PROGRESS_INTERVAL`` seconds (default 30) while it runs, and a last line with the total time::
+would print nothing useful, so a stage that runs longer than ``PMOD_PROGRESS_INTERVAL`` seconds (default 30)
+writes a plain line at most once per interval while it runs, and a last line with the total time; shorter
+stages print nothing::
 
-    finetune: 0/180 steps
     finetune: 41/180 steps (23%), 2m01s elapsed, ETA 6m52s, loss=0.4123
+    finetune: 83/180 steps (46%), 4m02s elapsed, ETA 4m43s, loss=0.3987
     finetune: done, 180/180 steps in 8m47s
 
 :func:`quiet_library_bars` turns off transformers' and huggingface_hub's own per-file bars ("Loading
@@ -63,6 +64,7 @@ class Progress:
         self._postfix: dict[str, Any] = {}
         self._start = self._last = time.monotonic()
         self._closed = False
+        self._printed = False
         self._bar = None
         if disable:
             return
@@ -73,8 +75,7 @@ class Progress:
                              dynamic_ncols=True,
                              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
                              if total else None)
-        else:
-            self._write(self._line())
+        # Not a terminal: nothing until the stage has run ``interval`` seconds (short stages stay silent).
 
     # ---- updates ---------------------------------------------------------------------------------
     def update(self, n: int = 1) -> None:
@@ -85,6 +86,7 @@ class Progress:
             now = time.monotonic()
             if now - self._last >= self.interval:
                 self._last = now
+                self._printed = True
                 self._write(self._line())
 
     def set_postfix(self, **values: Any) -> None:
@@ -104,7 +106,7 @@ class Progress:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif not self.disable:
+        elif not self.disable and (self._printed or time.monotonic() - self._start >= self.interval):
             elapsed = format_seconds(time.monotonic() - self._start)
             total = f"/{self.total}" if self.total is not None else ""
             self._write(f"{self.desc}: done, {self.n}{total} {self.unit}s in {elapsed}")
