@@ -57,6 +57,7 @@ def build_tiny_model(family: str, seed: int = 0, **overrides: Any):
     config = adapter.tiny_config(**overrides)
     torch.manual_seed(seed)
     model = adapter.model_cls()(config)
+    adapter.tiny_init(model)
     model.eval()
     return model, config
 

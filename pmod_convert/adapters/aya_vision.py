@@ -64,6 +64,10 @@ class AyaVisionAdapter(ArchitectureAdapter):
                 "patches_per_tile": (image // patch) ** 2,
                 "assumption": f"one image as {TYPICAL_TILES - 1} tiles + global view of {image}px x {per} tokens"}
 
+    def template_image_token(self, config, tokenizer):
+        """Aya's template writes ``<image>``; the processor expands it into ``<|START_OF_IMG|>`` ... patches."""
+        return "<image>"
+
     def image_tokens_of(self, config, height, width):
         return tile_tokens(config)
 

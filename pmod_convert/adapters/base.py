@@ -174,6 +174,11 @@ class ArchitectureAdapter:
         raise NotImplementedError(f"{self.family}: image_tokens_of")
 
     # ---- data encoding quirks (pmod_convert.data asks these) ------------------------------------------
+    def template_image_token(self, config: Any, tokenizer: Any) -> str:
+        """The token string the chat template writes for one image (the processor expands it): the image
+        placeholder's own string by default."""
+        return tokenizer.convert_ids_to_tokens(int(config.image_token_id))
+
     def processor_without_video(self, checkpoint: str, tokenizer: Any, image_processor: Any) -> Any:
         """The family's processor built from its tokenizer and image processor when ``AutoProcessor`` fails for
         want of torchvision (video processors need it); None when the family has no such fallback."""
@@ -181,9 +186,10 @@ class ArchitectureAdapter:
 
     def fallback_image_text(self, config: Any, pixels: Mapping[str, Any], image_processor: Any,
                             placeholder: str) -> list[str]:
-        """Without a processor (``placeholder_fallback``): the text each image's ``placeholder`` (the image token's
-        string) becomes, one entry per image, from the image processor's outputs ``pixels``, as the family's
-        processor writes it."""
+        """Without a processor (``placeholder_fallback``): the text each image's ``placeholder`` (what the chat
+        template writes per image) becomes, one entry per image, from the image processor's outputs ``pixels``, as
+        the family's processor writes it. May pop entries of ``pixels`` the model does not take (InternVL's
+        ``num_patches``)."""
         raise NotImplementedError(f"{self.family} has no processor-free placeholder expansion")
 
     # ---- test scaffolding ------------------------------------------------------------------------------
@@ -194,6 +200,10 @@ class ArchitectureAdapter:
     def dummy_inputs(self, config: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Model inputs with real vision placeholders (signature: ``adapters/__init__.py``)."""
         raise NotImplementedError(f"{self.family}: dummy_inputs")
+
+    def tiny_init(self, model: nn.Module) -> None:
+        """Re-draw (seeded by the caller) weights that transformers initialises to zero where that would make a tiny
+        random model ignore its images; nothing by default."""
 
     def tiny_processor(self, config: Any, tokenizer: Any, template: str) -> tuple[Any, Any, str | None]:
         """``(image_processor, processor or None, note)`` for a tiny checkpoint (PIL backends, no torchvision)."""

@@ -66,6 +66,10 @@ class Gemma3Adapter(ArchitectureAdapter):
         return {"model_type": self.family, "vision_tokens": tokens, "tiles": 1, "patches_per_tile": (image // patch) ** 2,
                 "assumption": f"one {image}px image: ({image}/{patch})^2 patches pooled to mm_tokens_per_image {tokens}"}
 
+    def template_image_token(self, config, tokenizer):
+        """Gemma 3's template writes ``<start_of_image>`` per image; the processor expands it."""
+        return tokenizer.convert_ids_to_tokens(int(config.boi_token_index))
+
     def image_tokens_of(self, config, height, width):
         return int(config.mm_tokens_per_image)
 
@@ -81,6 +85,14 @@ class Gemma3Adapter(ArchitectureAdapter):
         return tiny.fixed_image_inputs(config, image_segment=segment, pixel_shape=(3, s, s), vocab_size=tc.vocab_size,
                                        pad_id=tc.pad_token_id, image_token_id=config.image_token_id,
                                        token_types="token_type_ids", **kwargs)
+
+    def tiny_init(self, model):
+        """The projector's input projection starts at zero (every image would embed identically): draw it."""
+        import torch
+
+        weight = self.base_model(model).multi_modal_projector.mm_input_projection_weight
+        with torch.no_grad():
+            weight.normal_(0.0, 0.2)
 
     def tiny_processor(self, config, tokenizer, template):
         import transformers as tf

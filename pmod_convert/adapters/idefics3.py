@@ -195,6 +195,18 @@ class SmolVLMAdapter(Idefics3Adapter):
         ip = tf.SmolVLMImageProcessorPil(size={"longest_edge": 2 * size}, max_image_size={"longest_edge": size})
         return ip, None, "SmolVLMProcessor needs a video processor, which needs torchvision"
 
+    def processor_without_video(self, checkpoint, tokenizer, image_processor):
+        """Idefics3Processor over SmolVLM's tokenizer and image processor: it writes images the same way
+        (``<fake_token_around_image>``, ``<row_r_col_c>``, ``<global-img>``, ``image_seq_len`` placeholders each)
+        and has no video processor."""
+        import transformers as tf
+
+        config = tf.AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
+        vc = config.vision_config
+        seq = (vc.image_size // vc.patch_size) ** 2 // config.scale_factor**2
+        return tf.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq,
+                                    chat_template=tokenizer.chat_template)
+
 
 ADAPTER = register(Idefics3Adapter)
 ADAPTER_SMOLVLM = register(SmolVLMAdapter)

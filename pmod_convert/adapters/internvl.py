@@ -40,6 +40,7 @@ class InternVLAdapter(ArchitectureAdapter):
                          "end_image_token": "</img>", "video_token": "<video>"}
     tiny_chat_style = "chatml"
     tiny_image_text = "<IMG_CONTEXT>"
+    placeholder_fallback = True  # InternVLProcessor needs a video processor (torchvision): expand <IMG_CONTEXT> here
     tiny_rows = (dict(images_per_row=[1], text_lengths=[12]), dict(images_per_row=[2], text_lengths=[5]))
     tiny_varied = {"images_per_row": [1, 2]}  # fixed-size images: rows differ in their number of images
 
@@ -83,13 +84,10 @@ class InternVLAdapter(ArchitectureAdapter):
         ip = tf.GotOcr2ImageProcessorPil(size={"height": s, "width": s}, crop_to_patches=False)
         return ip, None, "InternVLProcessor needs a video processor, which needs torchvision"
 
-    def processor_without_video(self, checkpoint, tokenizer, image_processor):
-        import transformers as tf
-
-        config = tf.AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
-        return tf.InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                    image_seq_length=int(config.image_seq_length),
-                                    chat_template=tokenizer.chat_template)
+    def fallback_image_text(self, config, pixels, image_processor, placeholder):
+        """As InternVLProcessor: ``<img>`` + ``<IMG_CONTEXT>`` x image_seq_length x tiles + ``</img>`` per image."""
+        tiles = pixels.pop("num_patches").tolist()
+        return ["<img>" + placeholder * (int(config.image_seq_length) * int(n)) + "</img>" for n in tiles]
 
 
 ADAPTER = register(InternVLAdapter)

@@ -43,6 +43,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     never_quantize = ("vision_tower", "vision_resampler", "multi_modal_projector", "image_newline", "lm_head",
                       "pmod_router")
     tiny_named_tokens = {"image_token": "<image>", "video_token": "<video>"}
+    placeholder_fallback = True  # its processor needs a video processor (torchvision)
     shapes = {}
 
     def tiny_config(self, **overrides):
@@ -78,15 +79,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         ip, _, _ = super().tiny_processor(config, tokenizer, template)
         return ip, None, "LlavaNextVideoProcessor needs a video processor, which needs torchvision"
 
-    def processor_without_video(self, checkpoint, tokenizer, image_processor):
-        import transformers as tf
-
-        config = tf.AutoConfig.from_pretrained(checkpoint, trust_remote_code=False)
-        return tf.LlavaNextVideoProcessor(
-            video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
-            patch_size=config.vision_config.patch_size,
-            vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
-            chat_template=tokenizer.chat_template)
+    def fallback_image_text(self, config, pixels, image_processor, placeholder):
+        """The placeholder repeated as many times as the model packs features for each image's original size."""
+        return [placeholder * image_tokens(config, h, w) for h, w in pixels["image_sizes"].tolist()]
 
 
 ADAPTER = register(LlavaNextVideoAdapter)

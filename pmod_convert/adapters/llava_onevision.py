@@ -97,6 +97,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     vision_token_attrs = ("image_token_id", "video_token_id")
     tiny_named_tokens = {"image_token": "<image>", "video_token": "<video>"}
     tiny_chat_style = "chatml"
+    nested_images = True  # one list of images per sample (single images are tiled any-res, several are not)
+    placeholder_fallback = True  # its processor needs a video processor (torchvision)
     shapes = {
         "llava-onevision-0.5b": (
             "LLaVA-OneVision-0.5B: the Qwen2-0.5B decoder behind SigLIP 384/14 any-res (anyres_max_9)",
@@ -154,31 +156,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         )
         return ip, None, "LlavaOnevisionProcessor needs a video processor, which needs torchvision"
 
-    def processor_without_video(self, checkpoint, tokenizer, image_processor):
-        import transformers as tf
-
-        return _processor_from_config(tf.LlavaOnevisionProcessor, checkpoint, tokenizer, image_processor)
-
-
-def _processor_from_config(cls, checkpoint, tokenizer, image_processor, **extra):
-    """``cls`` built from the tokenizer, image processor and the saved ``processor_config.json`` kwargs, with no
-    video processor (video rows are refused by the data loader anyway); None without processor_config.json."""
-    import json
-    import os
-
-    path = os.path.join(str(checkpoint), "processor_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        saved = json.load(f)
-    params = __import__("inspect").signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in saved.items() if k in params and k not in ("image_processor", "tokenizer",
-                                                                            "video_processor")}
-    template = getattr(tokenizer, "chat_template", None)
-    if "chat_template" in params and template is not None:
-        kwargs.setdefault("chat_template", template)
-    kwargs.update(extra)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
+    def fallback_image_text(self, config, pixels, image_processor, placeholder):
+        """The placeholder repeated as many times as the model packs features: an image alone in its sample is
+        tiled any-res, images of a multi-image sample use the base tile (``batch_num_images``)."""
+        alone = int(pixels["batch_num_images"][0]) == 1
+        return [placeholder * image_tokens(config, h, w, single_image_row=alone) for h, w in pixels["image_sizes"].tolist()]
 
 
 ADAPTER = register(LlavaOnevisionAdapter)

@@ -78,11 +78,15 @@ class SampleEncoder:
         try:
             processor = tf.AutoProcessor.from_pretrained(str(checkpoint), **safe)
         except ImportError as exc:  # the processor class needs torchvision
-            needs_video, processor = str(exc).strip().splitlines()[0], None
+            needs_video, processor = (str(exc).strip().splitlines() or ["torchvision missing"])[0], None
+        except RecursionError:  # transformers 5.24 recurses looking up a video processor class without torchvision
+            needs_video, processor = "its video processor class cannot be looked up without torchvision", None
         except (OSError, ValueError) as exc:  # no processor / tokenizer files, or unreadable ones
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DataError(f"{checkpoint} has no usable processor ({first[:160]}); copy the processor and tokenizer "
-                            "files of the original model into it") from None
+            if "torchvision" not in first:
+                raise DataError(f"{checkpoint} has no usable processor ({first[:160]}); copy the processor and "
+                                "tokenizer files of the original model into it") from None
+            needs_video, processor = first, None  # some processor classes say so with an OSError
         if processor is not None and not hasattr(processor, "image_processor"):
             processor = None  # AutoProcessor fell back to a bare tokenizer
         try:
@@ -153,7 +157,7 @@ class SampleEncoder:
             if self._layouts[key]:
                 raise DataError(self._layouts[key])
             return
-        image = self.tokenizer.convert_ids_to_tokens(int(self.config.image_token_id))
+        image = self.adapter.template_image_token(self.config, self.tokenizer)
         sentinels = [f"pmodprobe{k}q" for k in range(len(parts))]
         content = [_part(None if p is None else sentinels[k]) for k, p in enumerate(parts)]
         rendered = self.render([{"role": "user", "content": content}], generation_prompt=True)
@@ -347,8 +351,9 @@ class SampleEncoder:
         return int(value) if isinstance(value, int) and value > 0 else None
 
     def _expand_and_tokenize(self, text: str, images: list[Any], special: bool = True) -> dict[str, torch.Tensor]:
-        pixels = dict(self.image_processor(images=images, return_tensors="pt"))
-        placeholder = self.tokenizer.convert_ids_to_tokens(int(self.config.image_token_id))
+        arg = [images] if self.adapter.nested_images else images
+        pixels = dict(self.image_processor(images=arg, return_tensors="pt"))
+        placeholder = self.adapter.template_image_token(self.config, self.tokenizer)
         parts = text.split(placeholder)
         if len(parts) - 1 != len(images):
             raise DataError(f"the prompt has {len(parts) - 1} image placeholders for {len(images)} images")
