@@ -115,6 +115,26 @@ def test_cli_meets_flops_budget_and_writes_report_and_plots(small, tmp_path):
     assert {p.name for p in ckpt.iterdir()} - {"model.safetensors", "config.json"} <= {p.name for p in out.iterdir()}
 
 
+def test_paper_convention_budget_is_met_in_the_papers_count_and_stated(small, tmp_path):
+    ckpt, data, images = small
+    out = tmp_path / "paper"
+    code, output = run("calibrate", ckpt, "--data", data, "--image-folder", images, "--out", out,
+                       "--target-flops", 0.6, "--samples", 12, "--convention", "paper", "--no-warm-start")
+    assert code == 0, output
+    assert "paper convention" in " ".join(output.split()) and "vision +" in output
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["budget"]["convention"] == "paper"
+    config = read_config(out)
+    ratios, tokens = config["pmod"]["layer_ratios"], report["tokens"]
+    paper = estimate(TextShape.from_config(config), ratios, tokens["n_vision"], tokens["n_text"], convention="paper")
+    exact = recomputed(report, ratios, config)
+    assert abs(paper.flops_ratio - 0.6) <= 0.01 and abs(report["estimate"]["flops_ratio"] - paper.flops_ratio) < 1e-9
+    assert abs(exact.flops_ratio - paper.flops_ratio) > 1e-4  # the two counts really differ
+    code, output = run("calibrate", ckpt, "--data", data, "--out", tmp_path / "bad", "--target-flops", 0.6,
+                       "--convention", "tflops")
+    assert code != 0 and "--convention must be one of exact, paper" in output and not (tmp_path / "bad").exists()
+
+
 def test_same_seed_same_report(small, tmp_path):
     ckpt, data, images = small
     kwargs = {"target_flops": 0.6, "samples": 12, "seed": 3, "progress": False}

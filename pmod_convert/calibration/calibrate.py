@@ -30,7 +30,7 @@ from ..api import add_pruning, add_routers, load_dense, save_pretrained
 from ..checkpoint import atomic_folder, check_replaceable, read_config, require_safetensors, update_in_place
 from ..data import DataError, SampleEncoder, model_inputs, read_samples
 from ..devices import resolve_device, to_device
-from ..efficiency import TextShape, vision_tower_flops_for_tokens
+from ..efficiency import CONVENTIONS, TextShape, vision_tower_flops_for_tokens
 from ..errors import CheckpointError, RecipeError
 from ..mod import schedule as prd
 from ..recipe import Recipe, RouterSettings, ScheduleSettings
@@ -76,7 +76,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
               router_targets: tuple[str, ...] = ("text_attention", "key_attention"), dtype: str | None = None, device: str | None = None,
               progress: bool = True, method: str = "pmod", fastv_k: int | None = None,
               pdrop_stages: int | None = None, allow_pickle: bool = False,
-              allow_outside_images: bool = False) -> CalibrationResult:
+              allow_outside_images: bool = False, convention: str = "exact") -> CalibrationResult:
     """Calibrate CHECKPOINT (dense, or a pmod checkpoint from add-routers) on a LLaVA-style dataset.
 
     Writes an MoD checkpoint to ``out`` (or updates ``checkpoint`` in place when ``out`` is None) whose
@@ -97,6 +97,11 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     holding it. ``allow_pickle``: accept ``pytorch_model.bin`` weights (safetensors only by default);
     ``allow_outside_images``: accept image paths that lead outside ``image_folder`` (refused by default).
 
+    ``convention``: how the budget counts FLOPs and KV: ``"exact"`` (every decoder linear plus the causal
+    attention scores, KV over all tokens) or ``"paper"`` (the p-MoD paper's count: decoder linears without the
+    quadratic attention term, ``lm_head`` on every prompt position, KV over vision tokens only; see
+    ``pmod_convert.efficiency.estimate``). Recorded in the report's ``budget`` section.
+
     ``method``: ``"pmod"`` (routers, everything above), or a training-free pruning baseline on the same engine:
     ``"fastv"`` (Chen et al. 2024: after layer ``fastv_k`` drop the least-attended share R of the vision tokens;
     the solver picks R; ``fastv_k`` default the paper's 2, lowered when the budget needs it) or ``"pdrop"``
@@ -113,6 +118,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     """
     if method not in METHODS:
         raise RecipeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if convention not in CONVENTIONS:
+        raise RecipeError(f"--convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
     if method == "pmod" and (fastv_k is not None or pdrop_stages is not None):
         raise RecipeError("--fastv-k / --pdrop-stages apply to --method fastv / pdrop only")
     _check_options(schedule, layer_selection, shape, profile, samples, holdout, seed)
@@ -148,7 +155,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
             target_flops=target_flops, target_kv=target_kv, fastv_k=fastv_k, pdrop_stages=pdrop_stages,
             samples=samples, seed=seed, skip_bad_rows=skip_bad_rows, include_vision_tower=include_vision_tower,
             tolerance=tolerance, dtype=dtype, progress=progress, text_shape=text_shape, config=config,
-            allow_pickle=allow_pickle, allow_outside_images=allow_outside_images)
+            allow_pickle=allow_pickle, allow_outside_images=allow_outside_images, convention=convention)
 
     # 1. data
     dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows, allow_outside_images=allow_outside_images)
@@ -163,7 +170,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     # Routers are fitted on ``train``; ``val`` decides per layer between the fit and the zero router.
     n_val = round(VALIDATION_SHARE * len(fit)) if warm_start and len(fit) >= 4 else 0
     val, train = fit[:n_val], set(fit[n_val:])
-    workload = _workload(items, vision_ids, text_shape, config if include_vision_tower else None)
+    workload = _workload(items, vision_ids, text_shape, config if include_vision_tower else None, convention)
     budget_args = dict(target_flops=target_flops, target_kv=target_kv, kind=schedule, max_ratio=max_ratio,
                        min_ratio=min_ratio, tolerance=tolerance)
 
@@ -250,14 +257,14 @@ def _calibrate_baseline(checkpoint: Path, data, image_folder, *, dest: Path, in_
                         method: str, target_flops, target_kv, fastv_k, pdrop_stages, samples: int, seed: int,
                         skip_bad_rows: bool, include_vision_tower: bool, tolerance: float, dtype, progress: bool,
                         text_shape: TextShape, config: dict, allow_pickle: bool = False,
-                        allow_outside_images: bool = False) -> CalibrationResult:
+                        allow_outside_images: bool = False, convention: str = "exact") -> CalibrationResult:
     """FastV / PyramidDrop: solve the budget on the data's token counts, convert, write (no measurement pass)."""
     adapter = get_adapter(config)
     dataset = read_samples(data, image_folder, skip_bad_rows=skip_bad_rows, allow_outside_images=allow_outside_images)
     encoder = SampleEncoder.from_pretrained(checkpoint)
     items, ids, skipped = _encode(dataset, encoder, samples, seed, skip_bad_rows, progress)
     workload = _workload(items, adapter.vision_token_ids(encoder.config), text_shape,
-                         config if include_vision_tower else None)
+                         config if include_vision_tower else None, convention)
     solution = solve_baseline_budget(workload, method, target_flops=target_flops, target_kv=target_kv, k=fastv_k,
                                      stages=pdrop_stages, tolerance=tolerance)
     model = load_dense(checkpoint, dtype=dtype, allow_pickle=allow_pickle)
@@ -274,7 +281,8 @@ def _calibrate_baseline(checkpoint: Path, data, image_folder, *, dest: Path, in_
         "samples": {"total": n, "skipped_rows": dataset.skipped + skipped, "ids": ids},
         "tokens": {"vision_per_sample": sum(workload.n_vision) / n, "text_per_sample": sum(workload.n_text) / n,
                    "n_vision": workload.n_vision, "n_text": workload.n_text},
-        "budget": {"metric": solution.metric, "target": solution.target, "achieved": solution.achieved,
+        "budget": {"metric": solution.metric, "convention": workload.convention, "target": solution.target,
+                   "achieved": solution.achieved,
                    "tolerance": tolerance, "reachable": list(solution.reachable), "parameter": solution.parameter,
                    "value": solution.value, "fastv_k": solution.k, "fastv_drop_rate": solution.drop_rate,
                    "pdrop_boundaries": solution.boundaries if method == "pdrop" else None,
@@ -317,7 +325,8 @@ def _encode(dataset, encoder, samples: int, seed: int, skip_bad_rows: bool, prog
     return items, ids, skipped
 
 
-def _workload(items: list[dict], vision_ids: list[int], shape: TextShape, tower_config: dict | None) -> Workload:
+def _workload(items: list[dict], vision_ids: list[int], shape: TextShape, tower_config: dict | None,
+              convention: str = "exact") -> Workload:
     """Per-sample vision / text token counts (and vision-tower FLOPs when ``tower_config`` is given)."""
     n_vision, n_text, runs = [], [], []
     for item in items:
@@ -331,7 +340,7 @@ def _workload(items: list[dict], vision_ids: list[int], shape: TextShape, tower_
     vision_flops: list[float] | float = 0.0
     if tower_config is not None:
         vision_flops = [float(vision_tower_flops_for_tokens(tower_config, r)) for r in runs]
-    return Workload(shape, n_vision, n_text, vision_flops)
+    return Workload(shape, n_vision, n_text, vision_flops, convention)
 
 
 def _choose_routers(model, layers, items, mod_layers, candidates, val_refs, device, progress):
@@ -505,7 +514,8 @@ def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, so
                     "fit_ids": [ids[i] for i in fit], "held_out_ids": [ids[i] for i in held]},
         "tokens": {"vision_per_sample": sum(workload.n_vision) / n, "text_per_sample": sum(workload.n_text) / n,
                    "n_vision": workload.n_vision, "n_text": workload.n_text},
-        "budget": {"metric": solution.metric, "target": solution.target, "achieved": solution.achieved,
+        "budget": {"metric": solution.metric, "convention": workload.convention, "target": solution.target,
+                   "achieved": solution.achieved,
                    "tolerance": tolerance, "reachable": list(solution.reachable), "parameter": solution.parameter,
                    "value": solution.value, "gap_filled_layers": solution.gap_filled_layers,
                    "sweep": solution.sweep},

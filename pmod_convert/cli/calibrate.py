@@ -51,6 +51,10 @@ def calibrate_cmd(
         "--fastv-k", help="FastV: prune after this many layers (default: the paper's 2, lowered if the budget needs it).")] = None,
     pdrop_stages: Annotated[Optional[int], typer.Option(
         "--pdrop-stages", help="PyramidDrop: number of stages (default: the paper's 4, at most the layer count).")] = None,
+    convention: Annotated[str, typer.Option(
+        "--convention", help="How the budget counts: exact (every decoder linear + causal attention scores, KV of "
+                             "all tokens) | paper (the p-MoD paper's TFLOPs: linears only, lm_head on every prompt "
+                             "position, KV of vision tokens), so --target-flops 0.556 means the paper's 55.6%.")] = "exact",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace --out if it is an earlier pmod-convert output (never CHECKPOINT).")] = False,
     allow_pickle: AllowPickleOpt = False,
@@ -66,7 +70,7 @@ def calibrate_cmd(
         holdout=holdout, seed=seed, include_vision_tower=include_vision_tower, skip_bad_rows=skip_bad_rows,
         max_ratio=max_ratio, min_ratio=min_ratio, device=device, dtype=dtype, overwrite=overwrite, method=method,
         fastv_k=fastv_k, pdrop_stages=pdrop_stages, allow_pickle=allow_pickle,
-        allow_outside_images=allow_outside_images)
+        allow_outside_images=allow_outside_images, convention=convention)
     report = result.report
     if method != "pmod":
         budget, est = report["budget"], report["estimate"]
@@ -79,7 +83,7 @@ def calibrate_cmd(
             console.print(note, highlight=False, soft_wrap=True)
         console.print(f"estimated FLOPs ratio {est['flops_ratio']:.3f}, KV-cache ratio {est['kv_ratio']:.3f} "
                       f"(budget {budget['metric']} {budget['target']:g}, reachable {budget['reachable'][0]:.3f}-"
-                      f"{budget['reachable'][1]:.3f})", highlight=False, soft_wrap=True)
+                      f"{budget['reachable'][1]:.3f}; {_counted(report)})", highlight=False, soft_wrap=True)
         return
     budget, est = report["budget"], report["estimate"]
     mod = [(i, r) for i, r in enumerate(result.ratios) if r is not None]
@@ -87,7 +91,7 @@ def calibrate_cmd(
                   f"({', '.join(f'{i}:{r:.2f}' for i, r in mod)})", highlight=False, soft_wrap=True)
     console.print(f"estimated FLOPs ratio {est['flops_ratio']:.3f}, KV-cache ratio {est['kv_ratio']:.3f} "
                   f"(budget {budget['metric']} {budget['target']:g}, reachable {budget['reachable'][0]:.3f}-"
-                  f"{budget['reachable'][1]:.3f})", highlight=False, soft_wrap=True)
+                  f"{budget['reachable'][1]:.3f}; {_counted(report)})", highlight=False, soft_wrap=True)
     warm = report["warm_start"]
     if warm["zero_routers"] is not None:
         line = f"held-out agreement with the dense model: zero routers top-1 {warm['zero_routers']['top1']:.3f}, " \
@@ -97,3 +101,10 @@ def calibrate_cmd(
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"report: {result.path / 'calibration_report.json'} (+ calibration_layers.png, "
                   "calibration_budget.png)", highlight=False, soft_wrap=True)
+
+
+def _counted(report: dict) -> str:
+    """What a calibration figure assumes: the convention and the calibration samples' mean token counts."""
+    tokens, convention = report["tokens"], report["budget"].get("convention", "exact")
+    return (f"{convention} convention, on the calibration samples' {tokens['vision_per_sample']:.0f} vision + "
+            f"{tokens['text_per_sample']:.0f} text tokens per sample")

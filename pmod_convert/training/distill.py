@@ -5,7 +5,8 @@ with every MoD layer computing its dense layer (``pmod_convert.mod.context.routi
 peft model, ``disable_adapter()``; dropout is off for the teacher pass (eval mode), and the training mode
 is restored afterwards. The teacher pass therefore gives exactly the input checkpoint's dense logits.
 
-With ``attention=True`` the pass also records, for every MoD layer, the attention each key receives from
+With ``attention=True`` the pass also records, for every MoD layer whose router has no position prior (see
+:class:`~pmod_convert.mod.router.TanhNormRouter`), the attention each key receives from
 the text queries after the row's first vision token (mean over heads and those queries): the ranking
 target of :func:`~pmod_convert.training.losses.router_rank_loss`. For a model on sdpa (or another fused
 kernel) the teacher pass runs under a registered attention function (``pmod_capture_<kernel>``, see
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
+from ..mod.router import ROUTER_NAME
 from .routing import bare_model, mod_layers
 
 
@@ -104,9 +106,14 @@ class Teacher:
         self.vision_ids = [int(i) for i in vision_ids]
         self.attention = attention
         self.bare = bare_model(model)
-        self.layers = dict(mod_layers(model))
-        if not self.layers:
+        every = dict(mod_layers(model))
+        if not every:
             raise RecipeError("distillation needs an MoD model (its MoD layers are switched off for the teacher)")
+        # Attention targets only for routers that rank by content: a router whose calibration chose a position
+        # prior (``TanhNormRouter.position_prior``) was measured to keep better tokens in that order than in the
+        # dense attention's, so the ranking loss would pull it the wrong way.
+        self.layers = {i: layer for i, layer in every.items()
+                       if not getattr(layer, ROUTER_NAME).position_prior}
         self.received: dict[int, torch.Tensor] = {}
         self._queries: torch.Tensor | None = None
 
