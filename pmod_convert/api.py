@@ -26,7 +26,7 @@ from .errors import CheckpointError, PmodError, RecipeError
 from .mod.context import RoutingContext, accept_vision_mask
 from .mod.inject import check_attention, convert_layer
 from .mod.layer import MoDLayerMixin
-from .mod.router import ROUTER_NAME
+from .mod.router import ROUTER_NAME, set_position_priors
 from .mod.scoring import METHODS, install_scoring, score_layers_for
 from .recipe import Recipe, RouterSettings, ScheduleSettings
 from .sidecar import has_sidecar, load_router_state, load_sidecar
@@ -292,7 +292,9 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     model = load_dense(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
                        quantization_config=quantization_config, allow_pickle=allow_pickle)
     recipe = recipe_from_config(pmod)
-    _apply(model, get_adapter(model), list(pmod["layer_ratios"]), recipe.router, method=pmod.get("method", "pmod"))
+    adapter_ = get_adapter(model)
+    _apply(model, adapter_, list(pmod["layer_ratios"]), recipe.router, method=pmod.get("method", "pmod"))
+    set_position_priors(adapter_.decoder_layers(model), pmod.get("position_prior"))
     model.config.pmod = pmod
     _load_router_weights(model, path, allow_pickle)
     if adapter and has_sidecar(path):
