@@ -20,6 +20,14 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_periodic_progress(monkeypatch):
+    """Piped progress lines (pmod_convert.progress) appear once a stage has run PMOD_PROGRESS_INTERVAL seconds;
+    on a slow shared machine they must not join outputs that tests read line by line (tests of those lines set
+    the interval themselves)."""
+    monkeypatch.setenv("PMOD_PROGRESS_INTERVAL", "3600")
+
+
 _MODEL_CACHE: dict = {}
 
 
