@@ -229,8 +229,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
 
 def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
                attn_implementation: str | None = None, quantization_config: Any = None,
-               allow_pickle: bool = False) -> nn.Module:
+               allow_pickle: bool = False, max_memory: dict | None = None,
+               offload_folder: str | Path | None = None) -> nn.Module:
     """Load a supported multimodal checkpoint folder with transformers (no routing).
+
+    ``device_map``, ``max_memory`` and ``offload_folder`` go to transformers' ``from_pretrained`` as they are
+    (accelerate's placement: ``max_memory`` maps device keys, ``"cpu"`` included, to bytes or strings such as
+    ``"2GiB"``; layers that fit nowhere go to ``"disk"`` under ``offload_folder``).
 
     ``quantization_config`` (e.g. a ``BitsAndBytesConfig``) quantizes while loading; a folder written
     quantized carries its own in config.json. The family is checked on config.json before transformers
@@ -250,6 +255,10 @@ def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_
         kwargs["use_safetensors"] = True
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if quantization_config is not None:
@@ -265,14 +274,17 @@ def load_dense(path: str | Path, dtype: str | torch.dtype | None = None, device_
 
 def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device_map: Any = None,
                     attn_implementation: str | None = None, adapter: bool = True,
-                    quantization_config: Any = None, allow_pickle: bool = False) -> nn.Module:
+                    quantization_config: Any = None, allow_pickle: bool = False, max_memory: dict | None = None,
+                    offload_folder: str | Path | None = None) -> nn.Module:
     """Load a pmod checkpoint folder: the transformers model with its MoD layers and trained routers.
 
     If the folder holds a finetune sidecar (``pmod_adapter/``) and ``adapter`` is true, its routers
     replace the base routers and its LoRA adapter is applied (the result is then a ``PeftModel``).
     Exported folders (``pmod-convert export``) are checked against their ``pmod_manifest.json`` first;
     quantized ones load as bitsandbytes models (on CUDA when present). ``allow_pickle``: accept
-    ``pytorch_model.bin`` / ``adapter_model.bin`` weights (safetensors only by default).
+    ``pytorch_model.bin`` / ``adapter_model.bin`` weights (safetensors only by default). ``device_map``,
+    ``max_memory``, ``offload_folder``: placement as in :func:`load_dense`; routing works on any of them (each
+    router sits on its layer's execution device).
 
     Raises:
         CheckpointError: not a pmod checkpoint, written by a newer version, files missing / corrupt /
@@ -290,7 +302,8 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     if pmod.get("format", 0) > PMOD_FORMAT:
         raise CheckpointError(f"{path} was written by a newer pmod-convert (format {pmod['format']}); upgrade pmod-convert")
     model = load_dense(path, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
-                       quantization_config=quantization_config, allow_pickle=allow_pickle)
+                       quantization_config=quantization_config, allow_pickle=allow_pickle, max_memory=max_memory,
+                       offload_folder=offload_folder)
     recipe = recipe_from_config(pmod)
     adapter_ = get_adapter(model)
     _apply(model, adapter_, list(pmod["layer_ratios"]), recipe.router, method=pmod.get("method", "pmod"))

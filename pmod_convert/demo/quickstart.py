@@ -217,10 +217,12 @@ def _progress(console: Any):
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), console=console, transient=True, disable=console is None)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                    disable=console is None)
 
 
 def folder_bytes(path: Path) -> int:
@@ -327,7 +329,7 @@ def _run(out: Path, settings: QuickstartSettings, console: Any) -> QuickstartRep
         from ..evaluation import evaluate
 
         summary = evaluate(checkpoint, test_json, images, out=evals / name, batch_size=settings.eval_batch_size,
-                           max_new_tokens=4, overwrite=True, progress=not quiet)
+                           max_new_tokens=4, overwrite=True, progress=console is not None)
         kinds: dict[str, list[bool]] = {}
         by_id = {r["id"]: r for r in test_rows}
         for p in summary.predictions:
@@ -358,7 +360,7 @@ def _run(out: Path, settings: QuickstartSettings, console: Any) -> QuickstartRep
             calibrated[b] = ckpts / f"calibrated-{_budget_name(b)}"
             calibrate(routed, val_json, images, out=calibrated[b], target_flops=b,
                       samples=min(settings.calibration_samples, settings.val_images), seed=settings.seed,
-                      progress=not quiet)
+                      progress=console is not None)
             evaluate_row(f"calibrated-{_budget_name(b)}", "calibrated", calibrated[b], b)
 
     # 5. finetune --------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ def _run(out: Path, settings: QuickstartSettings, console: Any) -> QuickstartRep
         for b in finetune_budgets:
             finetuned[b] = ckpts / f"finetuned-{_budget_name(b)}"
             finetune(calibrated[b], train_json, images, out=finetuned[b], settings=ft_settings,
-                     run_dir=ckpts / f".finetune-run-{_budget_name(b)}", overwrite=True, show_progress=not quiet)
+                     run_dir=ckpts / f".finetune-run-{_budget_name(b)}", overwrite=True, show_progress=console is not None)
             shutil.rmtree(ckpts / f".finetune-run-{_budget_name(b)}", ignore_errors=True)
             evaluate_row(f"finetuned-{_budget_name(b)}", "finetuned", finetuned[b], b)
 
@@ -381,7 +383,7 @@ def _run(out: Path, settings: QuickstartSettings, console: Any) -> QuickstartRep
     exported = ckpts / "exported"
     with stages("export", f"finetuned model merged into a standalone folder (quantize: {settings.export_quantize})"):
         export(finetuned[settings.target_flops], exported, quantize=settings.export_quantize, overwrite=True,
-               progress=not quiet)
+               progress=console is not None)
         evaluate_row("exported", "exported", exported, settings.target_flops)
 
     # 7. measured prefill time -------------------------------------------------------------------
