@@ -221,3 +221,43 @@ def test_pmod_model_refuses_unknown_arguments(dense, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RecipeError, match="runs in one process"):
         PmodLMM.create_from_arg_string(f"pretrained={dense}")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_pmod_model_in_process_matches_eval_on_other_families(family, tmp_path):
+    """The model class with lmms-eval's own Instance objects, on MoD checkpoints of two more families: the same
+    answer as `evaluate`, and the loglikelihood of the model's first greedy word is the lowest loss and greedy."""
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from pmod_convert import convert
+    from pmod_convert.evaluation import evaluate
+    from pmod_convert.integrations.lmms_eval import PmodLMM
+    from pmod_convert.tiny import save_tiny_checkpoint
+    from conftest import CONSTANT
+
+    save_tiny_checkpoint(family, tmp_path / "dense")
+    checkpoint = convert(tmp_path / "dense", tmp_path / "mod", CONSTANT)
+    image = Image.new("RGB", (64, 64), (200, 30, 90))
+    image.save(tmp_path / "0.png")
+    (tmp_path / "q.json").write_text(json.dumps([{"id": "a", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nw40 w41"}, {"from": "gpt", "value": "w50"}]}]))
+    expected = evaluate(checkpoint, tmp_path / "q.json", tmp_path, progress=False, device="cpu")
+
+    lm = PmodLMM(pretrained=str(checkpoint), device="cpu")
+    lm.task_dict = {"t": {"test": [{"image": image}]}}
+    meta = {"task": "t", "doc_id": 0, "repeats": 1}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    answer = lm.generate_until([Instance("generate_until", ("w40 w41", {"max_new_tokens": 16}, visual, 0, "t", "test"),
+                                         0, meta)])[0].text
+    assert answer == expected.predictions[0]["prediction"]
+    word = first_word(answer)
+    if word is not None:
+        options = [word] + [d for d in DISTRACTORS if d != word][:2]
+        pairs = [r.text for r in lm.loglikelihood([Instance("loglikelihood", ("w40 w41", " " + o, visual, 0, "t", "test"),
+                                                            0, meta) for o in options])]
+        assert [greedy for _, greedy in pairs] == [True, False, False]
+        assert pairs[0][0] == min(loss for loss, _ in pairs)
+    summary = lm.summarize_efficiency()["tasks"]["t"]
+    assert summary["decoder_flops_ratio"] == pytest.approx(expected.decoder_flops_ratio, rel=1e-9)
+    assert summary["kv_ratio"] == pytest.approx(expected.kv_ratio, rel=1e-9)
