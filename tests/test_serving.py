@@ -88,3 +88,36 @@ def test_export_dense_refuses_quantize_options_and_export_needs_a_mode(mod, tmp_
     assert code != 0 and "--quantize none|int8|nf4|fp4" in one_error_line(output)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert snapshot(mod) == before
+
+
+def test_export_dense_merges_the_finetune_sidecar(dense, tmp_path):
+    """A finetuned checkpoint (LoRA + routers sidecar): the dense folder computes the LoRA-adapted model with routing
+    off (the merge is real: it differs from the original dense model)."""
+    from peft import LoraConfig, get_peft_model
+
+    from pmod_convert import add_routers, save_pretrained
+    from pmod_convert.adapters import adapter_by_family
+    from pmod_convert.mod.context import routing_disabled
+    from pmod_convert.sidecar import save_sidecar
+    from conftest import CONSTANT
+
+    model = load_dense(dense)
+    add_routers(model, CONSTANT)
+    ckpt = save_pretrained(model, tmp_path / "mod", source=dense)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
+                                                  target_modules=adapter_by_family("llava").lora_target_regex))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or ROUTER_NAME in name:
+                p.normal_(std=0.2)
+    peft_model.eval()
+    save_sidecar(peft_model, ckpt, summary={"steps": 0})
+    inputs = batch_inputs("llava", model.config)
+    with routing_disabled(peft_model):
+        expected = logits(peft_model, inputs)
+
+    result = export_dense(ckpt, tmp_path / "served", progress=False)
+    assert result.lora_merged
+    served = logits(load_plain(tmp_path / "served"), inputs)
+    torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
+    assert (served - logits(load_dense(dense), inputs)).abs().max() > 1e-3
