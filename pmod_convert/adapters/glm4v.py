@@ -41,6 +41,8 @@ class Glm4vAdapter(Qwen2VLAdapter):
     model_types = ("glm4v",)
     model_class = "Glm4vForConditionalGeneration"
     mlp_branch = "post_mlp_layernorm"  # out = h + post_mlp_norm(mlp(norm(h)))
+    lora_proj = r"(?:.*\.)?(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate_up|down)_proj)"  # fused gate_up_proj
+    lora_per_layer = 6
     shapes = {}
     tiny_token_names = TOKEN_NAMES
     tiny_named_tokens = {"image_token": "<|image|>", "video_token": "<|video|>"}
