@@ -216,6 +216,8 @@ def test_pmod_model_refuses_unknown_arguments(dense, monkeypatch):
 
     with pytest.raises(RecipeError, match="unknown --model_args for pmod: temperature"):
         PmodLMM.create_from_arg_string(f"pretrained={dense},temperature=0.2")
+    with pytest.raises(RecipeError, match="--batch_size auto is not supported"):
+        PmodLMM.create_from_arg_string(f"pretrained={dense}", {"batch_size": "auto"})
     with pytest.raises(RecipeError, match="batch_size must be a positive integer"):
         PmodLMM.create_from_arg_string(f"pretrained={dense}", {"batch_size": "many"})
     monkeypatch.setenv("WORLD_SIZE", "2")

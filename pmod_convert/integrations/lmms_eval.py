@@ -46,6 +46,7 @@ from ..devices import resolve_device, to_device
 from ..efficiency import TextShape, estimate
 from ..errors import DataError, RecipeError
 from ..evaluation.evaluate import generate_batch
+from ..progress import Progress
 
 # Keyword arguments lmms-eval itself passes to every model (``batch_size``, ``max_batch_size``, ``device``).
 _LMMS_EVAL_ARGS = ("max_batch_size",)
@@ -78,7 +79,9 @@ class PmodLMM(lmms):
         if unknown:
             raise RecipeError(f"unknown --model_args for pmod: {', '.join(unknown)}; known: pretrained, device, dtype, "
                               "batch_size, max_new_tokens, device_map, allow_pickle")
-        self.batch_size_per_gpu = _positive_int("batch_size", 1 if batch_size in (None, "auto") else batch_size)
+        if str(batch_size).startswith("auto"):
+            raise RecipeError("--batch_size auto is not supported by the pmod model; give a number (e.g. 8)")
+        self.batch_size_per_gpu = _positive_int("batch_size", 1 if batch_size is None else batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         self.checkpoint = Path(str(pretrained))
         allow = str(allow_pickle).lower() in ("1", "true", "yes")
@@ -156,8 +159,6 @@ class PmodLMM(lmms):
         for i, request in enumerate(requests):
             groups[repr(sorted((request.args[1] or {}).items()))].append(i)
         results: list[GenerationResult | None] = [None] * len(requests)
-        from ..progress import Progress
-
         with Progress(total=len(requests), desc="pmod generate", unit="request") as bar:
             for indices in groups.values():
                 for first in range(0, len(indices), self.batch_size):
@@ -221,8 +222,6 @@ class PmodLMM(lmms):
             DataError: the continuation is empty or changes how the prompt itself is tokenized.
         """
         out = []
-        from ..progress import Progress
-
         with Progress(total=len(requests), desc="pmod loglikelihood", unit="request") as bar:
             for request in requests:
                 context, continuation, doc_to_visual, doc_id, task, split = request.args
