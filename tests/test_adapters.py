@@ -337,3 +337,23 @@ def test_refused_family_says_why():
     with pytest.raises(UnsupportedArchitecture, match="attention-only"):
         get_adapter({"model_type": "lfm2_vl"})
     assert "lfm2_vl" not in supported_families()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cost_model_and_bench_layout_come_from_the_adapter(family):
+    """efficiency and bench hold no family tables: the adapter answers the typical image, the tower FLOPs (also from
+    the config.json dict) and the bench image layout, whose token count the dummy inputs then really have."""
+    from pmod_convert.bench import build_prompts
+    from pmod_convert.efficiency import default_vision_tokens, vision_tower_flops, vision_tower_flops_for_tokens
+
+    adapter = adapter_by_family(family)
+    config = adapter.tiny_config()
+    info = adapter.typical_image(config)
+    assert default_vision_tokens(config) == info["vision_tokens"] > 0
+    assert default_vision_tokens(config.to_dict()) == info["vision_tokens"]
+    assert vision_tower_flops(config, 2) == 2 * vision_tower_flops(config, 1) > 0
+    assert vision_tower_flops_for_tokens(config, [0]) == 0
+    inputs = adapter.dummy_inputs(config, batch_size=1, seed=0, **adapter.tiny_rows[0])
+    n = vision_counts(adapter, config, inputs["input_ids"])[0]
+    _, plan = build_prompts(config, batch_size=2, vision_tokens=n, text_tokens=20)
+    assert plan.vision_tokens == n
