@@ -6,7 +6,9 @@ For every zoo task and seed, through pmod_convert's public Python API only:
 2. ``convert`` (add-routers, published recipe), then ``calibrate`` on the calib split at each target decoder
    FLOPs ratio (default 0.55 and 0.40), and ``evaluate``;
 3. ``finetune`` each calibrated checkpoint with DEFAULT ``FinetuneSettings`` on at most 1000 training rows,
-   and ``evaluate``.
+   and ``evaluate``;
+4. the training-free pruning baselines (``calibrate --method fastv | pdrop`` on the dense checkpoint, the same
+   budgets and calibration rows), and ``evaluate``.
 
 Prints one table (model, variant, FLOPs budget, measured decoder FLOPs ratio, accuracy mean +- spread over
 seeds, delta vs dense in accuracy points, blind baseline) and writes ``report.json`` and ``accuracy_vs_flops.png``
@@ -79,8 +81,11 @@ def _eval(checkpoint: Path | str, meta: dict, test: Path) -> dict:
 
 
 def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_rows: int | None = None,
-            finetune_steps: int | None = None, calib_samples: int = 128) -> list[dict]:
+            finetune_steps: int | None = None, calib_samples: int = 128,
+            baselines: tuple[str, ...] = ("fastv", "pdrop")) -> list[dict]:
     """All variants of one zoo model (one task, one seed). Returns result rows (accuracy as fractions).
+
+    ``baselines``: training-free pruning methods (``calibrate --method``) evaluated at the same budgets.
 
     ``small``: the CI-sized path (``SMALL_EVAL_ROWS`` test rows, ``SMALL_FINETUNE_STEPS`` finetune steps on 64
     rows); ``eval_rows`` / ``finetune_steps`` override those sizes (tests); ``calib_samples``: calibration rows.
@@ -113,6 +118,20 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
                                          target_flops=budget, samples=min(calib_samples, n_calib), overwrite=True,
                                          progress=False)
             return {"calibrated_ratios": res.ratios, **_eval(calibrated, meta, test)}
+
+        for method in baselines:
+            def do_baseline(method: str = method) -> dict:
+                n_calib = len(json.loads(Path(meta["calib"]).read_text()))
+                folder = work / f"{method}-{tag}"
+                res = pmod_convert.calibrate(meta["checkpoint"], meta["calib"], meta["image_folder"], out=folder,
+                                             target_flops=budget, samples=min(calib_samples, n_calib),
+                                             overwrite=True, progress=False, method=method)
+                return {"calibrated_ratios": res.ratios, **_eval(folder, meta, test)}
+
+            _log(f"{meta['task']} seed {meta['seed']}: {method} at {tag} FLOPs (training-free baseline), eval")
+            r = _cached(work / f"{method}-{tag}.json", do_baseline)
+            rows.append({**base, "variant": method, "budget": budget, **r})
+            _log(f"    {method} accuracy {r.get('accuracy')} (decoder FLOPs {r.get('decoder_flops_ratio')})")
 
         _log(f"{meta['task']} seed {meta['seed']}: convert + calibrate to {tag} FLOPs, eval")
         r = _cached(work / f"calibrated-{tag}.json", do_calibrate)
@@ -190,7 +209,7 @@ def plot(summary: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for task in sorted({s["task"] for s in summary}):
         dense = next((s for s in summary if s["task"] == task and s["variant"] == "dense"), None)
-        for variant, style in (("calibrated", "o--"), ("finetuned", "s-")):
+        for variant, style in (("calibrated", "o--"), ("finetuned", "s-"), ("fastv", "x:"), ("pdrop", "^:")):
             pts = sorted((s["decoder_flops_ratio"] or s["budget"], s["accuracy_mean"], s["accuracy_spread"] or 0.0)
                          for s in summary if s["task"] == task and s["variant"] == variant
                          and s["accuracy_mean"] is not None)
@@ -221,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=str(vlm_zoo.DEFAULT_CACHE), help="zoo models and data")
     parser.add_argument("--small", action="store_true",
                         help=f"CI-sized: 1 seed, {SMALL_EVAL_ROWS} test rows, {SMALL_FINETUNE_STEPS} finetune steps")
+    parser.add_argument("--baselines", nargs="*", default=["fastv", "pdrop"], choices=["fastv", "pdrop"],
+                        help="training-free pruning baselines evaluated at the same budgets (none: skip)")
     args = parser.parse_args(argv)
     seeds = args.seeds if args.seeds is not None else ([0] if args.small else [0, 1, 2])
     out = Path(args.out)
@@ -234,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             models.append({k: meta[k] for k in ("task", "seed", "architecture", "checkpoint", "dense_accuracy",
                                                 "blind_accuracy", "train_seconds")})
             rows += run_one(meta, args.budgets, out / "runs" / ("small" if args.small else "full") / meta["key"],
-                            args.small)
+                            args.small, baselines=tuple(args.baselines))
     summary = aggregate(rows)
     text = table(summary)
     print(text)
