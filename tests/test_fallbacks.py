@@ -203,9 +203,9 @@ def test_device_map_with_cpu_and_disk_offload_routes_like_one_device(tmp_path):
 
 
 def test_device_map_auto_and_a_max_memory_map_route_like_one_device(tmp_path):
-    """``device_map="auto"``, and the map accelerate infers under a ``max_memory`` budget too small for the model
-    (layers spill to "disk"), as README's recipe: routers on each layer's execution device, logits and greedy
-    generation equal to the single-device run."""
+    """``device_map="auto"`` with and without a ``max_memory`` budget too small for the model (layers spill to
+    "disk"), and the map accelerate infers under that budget passed as ``device_map``: routers on each layer's
+    execution device, logits and greedy generation equal to the single-device run."""
     from accelerate import infer_auto_device_map, init_empty_weights
 
     from pmod_convert import load_pretrained, save_pretrained
@@ -237,8 +237,11 @@ def test_device_map_auto_and_a_max_memory_map_route_like_one_device(tmp_path):
                                        no_split_module_classes=[type(skeleton.model.language_model.layers[0]).__name__])
     assert "disk" in device_map.values(), device_map  # the budget really forces offload
     spilled = load_pretrained(tmp_path / "mod", device_map=device_map)
+    budgeted = load_pretrained(tmp_path / "mod", device_map="auto", max_memory=budget,
+                               offload_folder=tmp_path / "offload")
+    assert "disk" in budgeted.hf_device_map.values(), budgeted.hf_device_map
 
-    for model in (auto, spilled):
+    for model in (auto, spilled, budgeted):
         for _, layer in mod_layers(model):
             router = getattr(layer, ROUTER_NAME)
             assert all(p.device == router_device(layer) and p.device.type == "cpu" for p in router.parameters())
