@@ -168,7 +168,7 @@ class PmodLMM(lmms):
         return results  # type: ignore[return-value]
 
     def _generate_chunk(self, requests: list[Instance], positions: list[int], results: list) -> None:
-        context0, gen_kwargs = requests[0].args[0], dict(requests[0].args[1] or {})
+        gen_kwargs = dict(requests[0].args[1] or {})
         until = gen_kwargs.pop("until", None)
         until = [until] if isinstance(until, str) else list(until or [])
         max_new_tokens = _positive_int("max_new_tokens", gen_kwargs.pop("max_new_tokens", self.max_new_tokens))
