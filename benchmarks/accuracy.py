@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=str(vlm_zoo.DEFAULT_CACHE), help="zoo models and data")
     parser.add_argument("--small", action="store_true",
                         help=f"CI-sized: 1 seed, {SMALL_EVAL_ROWS} test rows, {SMALL_FINETUNE_STEPS} finetune steps")
+    parser.add_argument("--models", nargs="+", default=None, metavar="TASK:SEED",
+                        help="exact zoo models, e.g. oddone:0 oddone:1 object:2 (instead of --tasks x --seeds)")
     parser.add_argument("--baselines", nargs="*", default=["fastv", "pdrop"], choices=["fastv", "pdrop"],
                         help="training-free pruning baselines evaluated at the same budgets (none: skip)")
     args = parser.parse_args(argv)
@@ -248,14 +250,22 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     models = []
-    for task in args.tasks:
-        for seed in seeds:
-            _log(f"zoo model {task} seed {seed} (cached after the first build)")
-            meta = vlm_zoo.build(task, seed, args.cache_dir, log=_log)
-            models.append({k: meta[k] for k in ("task", "seed", "architecture", "checkpoint", "dense_accuracy",
-                                                "blind_accuracy", "train_seconds")})
-            rows += run_one(meta, args.budgets, out / "runs" / ("small" if args.small else "full") / meta["key"],
-                            args.small, baselines=tuple(args.baselines))
+    pairs = [(t, s) for t in args.tasks for s in seeds]
+    if args.models:
+        try:
+            pairs = [(m.split(":")[0], int(m.split(":")[1])) for m in args.models]
+        except (IndexError, ValueError):
+            parser.error("--models takes TASK:SEED entries, e.g. oddone:0")
+        bad = [t for t, _ in pairs if t not in vlm_zoo.TASKS]
+        if bad:
+            parser.error(f"unknown zoo task(s) {bad}; choose from {', '.join(vlm_zoo.TASKS)}")
+    for task, seed in pairs:
+        _log(f"zoo model {task} seed {seed} (cached after the first build)")
+        meta = vlm_zoo.build(task, seed, args.cache_dir, log=_log)
+        models.append({k: meta[k] for k in ("task", "seed", "architecture", "checkpoint", "dense_accuracy",
+                                            "blind_accuracy", "train_seconds")})
+        rows += run_one(meta, args.budgets, out / "runs" / ("small" if args.small else "full") / meta["key"],
+                        args.small, baselines=tuple(args.baselines))
     summary = aggregate(rows)
     text = table(summary)
     print(text)
