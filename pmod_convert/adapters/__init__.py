@@ -5,17 +5,21 @@ needs to know about it (decoder layers, vision ids, LoRA targets, unquantized mo
 vision-tower FLOPs, bench image layouts, processor quirks, named shapes, and the tiny test config and inputs).
 
 Each adapter's ``tiny_config(**overrides)`` builds a small random-weight config (override rules:
-``pmod_convert.tiny``) and ``dummy_inputs(config, *, batch_size=1, text_lengths=None,
+``adapters.scaffold.split_overrides``) and ``dummy_inputs(config, *, batch_size=1, text_lengths=None,
 images_per_row=None, padding_side="left", seed=0, image_sizes=None)`` builds a dict for
 ``model(**inputs)`` / ``model.generate(**inputs)``:
 
 * ``images_per_row``: int or per-row list (default 1 each; 0 allowed in every family);
-* ``image_sizes``: flat list of (height, width), one per image in row order (any-res families;
-  ignored by fixed-size LLaVA-1.5); by default cycles family sizes so rows differ in token count;
-* ``text_lengths``: random text tokens per row (default ``8 + 5*i``), split around the images;
+* ``image_sizes``: flat list of (height, width), one per image in row order (any-res and native-resolution
+  families; ignored by fixed-size ones: LLaVA-1.5, Gemma 3, PaliGemma, InternVL, Aya Vision); by default cycles
+  family sizes so rows differ in token count (fixed-size families differ by ``images_per_row``: ``tiny_varied``);
+* ``text_lengths``: random text tokens per row (default ``8 + 5*i``), split around the images (PaliGemma: after
+  them, as its processor writes the prefix);
 * rows are padded on ``padding_side`` with ``attention_mask`` zeros.
 
-Video families (llava_onevision, qwen2_vl, qwen2_5_vl) also take ``videos_per_row``.
+Video families (llava_onevision, llava_next_video, qwen2_vl, qwen2_5_vl) also take ``videos_per_row``. The tiny
+inputs of qwen3_vl and glm4v build images only (their video prompts carry per-frame timestamps / grouping that
+the tiny inputs do not write; video rows are refused by the data loader anyway).
 """
 
 from . import (  # noqa: F401  (registration: one module per family)

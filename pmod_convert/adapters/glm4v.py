@@ -61,6 +61,10 @@ class Glm4vAdapter(Qwen2VLAdapter):
         return tiny_config(**overrides)
 
     def dummy_inputs(self, config, **kwargs):
+        """As Qwen2-VL's, images only: GLM-4V video prompts group frames differently (``videos_per_row`` is
+        refused)."""
+        if kwargs.get("videos_per_row"):
+            raise ValueError(f"{self.family} tiny inputs build images only")
         return dummy_inputs(config, **kwargs)
 
 

@@ -50,7 +50,7 @@ def _tiny_config(family: str, overrides: dict[str, Any]):
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     """Qwen3-VL: as Qwen2-VL for routing and data (M-RoPE token types, placeholder expansion); DeepStack layers
-    need nothing more (see the module docstring). Vision tower: gated-free ViT with ``hidden_size``, ``depth``,
+    need nothing more (see the module docstring). Vision tower: a ViT with a plain MLP, ``hidden_size``, ``depth``,
     ``intermediate_size``; a typical 512 px image at patch 16 gives 256 tokens."""
 
     family = "qwen3_vl"
@@ -72,6 +72,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return _tiny_config(self.family, overrides)
 
     def dummy_inputs(self, config, **kwargs):
+        """As Qwen2-VL's, images only: Qwen3-VL video prompts carry per-frame timestamps the tiny inputs do not
+        write (``videos_per_row`` is refused)."""
+        if kwargs.get("videos_per_row"):
+            raise ValueError(f"{self.family} tiny inputs build images only")
         return dummy_inputs(config, **kwargs)
 
 
