@@ -45,6 +45,13 @@ def bench_cmd(
         "--new-tokens", help="Tokens to generate greedily (EOS ignored); 0 = prefill only.")] = 16,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per model (alternating).")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model.")] = 1,
+    max_repeats: Annotated[Optional[int], typer.Option(
+        "--max-repeats", help="Keep adding alternating pairs (up to this many) until the relative spread of the "
+                              "per-pair MoD/dense ratios is at most --target-spread; the report says if it got there.")] = None,
+    target_spread: Annotated[float, typer.Option(
+        "--target-spread", help="Relative spread (q3 - q1) / median of the per-pair ratios to reach.")] = 0.03,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", help="Pin the process to this many CPUs and torch threads while measuring.")] = None,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="auto | float32 | float16 | bfloat16 (default: float32 for --shape, the checkpoint's own "
                         "dtype otherwise).")] = None,
@@ -94,7 +101,8 @@ def bench_cmd(
             mod, reference, label = pair_from_checkpoint(checkpoint, dense, dtype=dtype, device=device,
                                                        allow_pickle=allow_pickle)
     report = bench(mod, reference, batch_size=batch_size, vision_tokens=vision_tokens, text_tokens=text_tokens,
-                   new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device, seed=seed, memory=memory, label=label)
+                   new_tokens=new_tokens, warmup=warmup, repeats=repeats, device=device, seed=seed, memory=memory, label=label,
+                   max_repeats=max_repeats, target_spread=target_spread, threads=threads)
 
     for line in report_header(report):
         out_console.print(line, highlight=False)

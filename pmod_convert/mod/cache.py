@@ -27,14 +27,15 @@ class MoDCacheLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.sliding_window = None if sliding_window is None else int(sliding_window)
         self.record_past = False  # sliding layers: keep old entries until the next crop (assisted decoding)
-        # Slots are stored as an explicit prefix [batch, P] plus a tail of ``_tail`` entries at the contiguous
-        # logical slots ``_tail_start ..`` (the same in every row): a step that keeps every token (a decode step)
-        # only bumps ``_tail`` instead of concatenating a slots tensor. ``slots`` materialises both on access.
+        # Slots are stored as an explicit prefix [batch, P] plus a tail: the entries after the prefix, at the
+        # contiguous logical slots ``_tail_start ..`` (the same in every row). A step that keeps every token (a
+        # decode step) only appends keys, so nothing else changes. ``slots`` materialises both on access.
+        # Lengths derive from the key tensor's size (logical = physical + ``_offset``), so torch.compile sees
+        # one growing tensor dimension per step and no Python int that changes every step.
         self._prefix: torch.Tensor | None = None
         self._prefix_ragged = False  # the prefix holds padding entries (-1): rows keep different counts
         self._prefix_index: torch.Tensor | None = None  # prefix.clamp(min=0), built on first decode_mask use
-        self._tail_start, self._tail, self._batch = 0, 0, 0
-        self.logical_length = 0
+        self._tail_start, self._batch, self._offset = 0, 0, 0
         self.compressed = False  # True once physical entries stop mapping 1:1 to logical slots
         self._pending: tuple[torch.Tensor, int, bool] | None = None
 
@@ -54,7 +55,20 @@ class MoDCacheLayer(DynamicLayer):
             new.update(layer.keys, layer.values)
         return new
 
-    # ---- slots: an explicit prefix plus a contiguous tail ------------------------------------------------
+    # ---- lengths and slots: an explicit prefix plus a contiguous tail ----------------------------------
+    @property
+    def logical_length(self) -> int:
+        """Tokens the layer has seen (kept or not): what transformers builds positions and masks from."""
+        return self.physical_length() + self._offset
+
+    @logical_length.setter
+    def logical_length(self, value: int) -> None:
+        self._offset = value - self.physical_length()
+
+    @property
+    def _tail(self) -> int:
+        return self.physical_length() - (self._prefix.shape[1] if self._prefix is not None else 0)
+
     @property
     def slots(self) -> torch.Tensor | None:
         """``[batch, physical]`` logical slot of each cached entry, -1 for padding; None when empty."""
@@ -69,7 +83,7 @@ class MoDCacheLayer(DynamicLayer):
         self._set_prefix(value)
 
     def _set_prefix(self, value: torch.Tensor | None) -> None:
-        self._prefix, self._tail, self._prefix_index = value, 0, None
+        self._prefix, self._prefix_index = value, None
         self._prefix_ragged = value is not None and value.numel() > 0 and bool((value < 0).any())
         if value is not None:
             self._batch = value.shape[0]
@@ -85,18 +99,16 @@ class MoDCacheLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         pending, self._pending = self._pending, None
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
         if pending is None:  # every token kept (a decode step, or a layer converted from a dense one)
-            n = key_states.shape[-2]
-            if not self._tail:
+            if self._tail == 0:  # the new entries start the tail
                 self._tail_start, self._batch = self.logical_length, key_states.shape[0]
-            self._tail += n
-            self.logical_length += n
+            keys, values = super().update(key_states, value_states, *args, **kwargs)  # logical grows with them
         else:
             slots, query_length, compressed = pending
-            current = self.slots
+            current, length = self.slots, self.logical_length
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
             self.slots = slots if current is None else torch.cat([current, slots.to(current.device)], dim=1)
-            self.logical_length += query_length
+            self.logical_length = length + query_length
             self.compressed = self.compressed or compressed
         self._drop_outside_window()
         return keys, values  # every key this call attends to (as DynamicSlidingWindowLayer returns)
@@ -150,7 +162,9 @@ class MoDCacheLayer(DynamicLayer):
         slots = self.slots.masked_fill(stale, -1)
         # entries are stored in slot order per row: drop the leading columns stale in every row
         drop = int((slots < 0).all(0).long().cumprod(0).sum())
+        length = self.logical_length
         self.keys, self.values, self.slots = self.keys[..., drop:, :], self.values[..., drop:, :], slots[:, drop:]
+        self.logical_length = length
         self.compressed = True
 
     def skip(self, query_length: int) -> None:
@@ -182,8 +196,8 @@ class MoDCacheLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.slots, self.logical_length, self.compressed, self._pending = None, 0, False, None
-        self._tail_start, self._batch = 0, 0
+        self.slots, self.compressed, self._pending = None, False, None
+        self._tail_start, self._batch, self._offset = 0, 0, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -134,6 +134,14 @@ class RoutingContext:
         if self.disabled:
             return args, kwargs
         self.score_query = -1 if score_query is None else int(score_query)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and getattr(cache, "layers", None) is not None:
+            # Swap in every MoD cache layer here, eagerly, rather than in each layer's (compiled) forward: the
+            # swap reads per-layer Python state that torch.compile would guard on and recompile for, per layer.
+            from .cache import mod_cache_layer
+
+            for idx in sorted(self.layer_ids):
+                mod_cache_layer(cache, idx)
         self.scores, self.key_index = None, None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")

@@ -117,6 +117,7 @@ class MoDLayerMixin:
         return self._pmod_gathered(hidden_states, None, None, Gather.identity(batch, seq, hidden_states.device),
                                    attention_mask, position_ids, position_embeddings, cache_layer, call_kwargs)
 
+    @torch.compiler.disable(recursive=True)
     def _pmod_route(self, hidden_states, targets, attention_mask, position_ids, position_embeddings, cache_layer,
                     call_kwargs):
         batch, seq, _ = hidden_states.shape
