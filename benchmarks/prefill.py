@@ -24,6 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model, alternating (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (default 1)")
+    p.add_argument("--max-repeats", type=int, default=None,
+                   help="add pairs up to this many until the pair ratios' relative spread is <= --target-spread")
+    p.add_argument("--target-spread", type=float, default=0.03, help="relative spread (q3 - q1) / median to reach")
+    p.add_argument("--threads", type=int, default=None, help="pin to this many CPUs / torch threads")
     p.add_argument("--dtype", default=None, help="float32 (default for --shape) | bfloat16 | float16 | auto")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--recipe", help="YAML recipe for --shape (default: the published p-MoD schedule)")
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 device=args.device, seed=args.seed)
         report = bench(mod, dense, batch_size=args.batch_size, vision_tokens=args.vision_tokens,
                        text_tokens=args.text_tokens, new_tokens=0, warmup=args.warmup, repeats=args.repeats,
-                       device=args.device, seed=args.seed, memory=args.memory, label=label)
+                       device=args.device, seed=args.seed, memory=args.memory, label=label,
+                       max_repeats=args.max_repeats, target_spread=args.target_spread, threads=args.threads)
         if args.out:
             save_report(report, args.out)
     except PmodError as exc:
@@ -74,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MoD   prefill: median {statistics.median(m):.3f} s  (min {min(m):.3f}, max {max(m):.3f}, {len(m)} runs)")
     print(f"measured prefill time ratio MoD/dense: {time_ratio:.3f}  "
           f"(alternating pairs: {', '.join(f'{x:.3f}' for x in pairs)}; spread {min(pairs):.3f}-{max(pairs):.3f})")
+    sp = report.spread["prefill_time"]
+    print(f"pair ratios: median {sp['median']:.3f}, quartiles {sp['q1']:.3f}-{sp['q3']:.3f}, relative spread "
+          + ("-" if sp["rel_spread"] is None else f"{sp['rel_spread']:.3f}")
+          + ("" if report.converged is None else f"; settled at {args.target_spread}: "
+             + ("yes" if report.converged else "NO (noisy)")))
     print(f"estimated prefill FLOPs ratio (decoder layers): {flops_ratio:.3f}")
     print(f"time ratio - FLOPs ratio: {time_ratio - flops_ratio:+.3f}  (vision tower, embeddings, lm_head and "
           f"routing overhead are in the time, not in the FLOPs)")
