@@ -14,13 +14,13 @@ TYPICAL_TILES = 5  # assumed split of a typical image: 4 tiles + the global view
 
 
 def tiny_config(**overrides: Any):
-    """Tiny Aya Vision: SigLIP 32px / patch 4, downsample 2 -> 16 tokens per tile; Cohere 2 hidden 64 x 4 layers
+    """Tiny Aya Vision: SigLIP 48px / patch 4, downsample 2 -> 36 tokens per tile; Cohere 2 hidden 64 x 4 layers
     (sliding window 128 in layers 0-2, global in 3)."""
     import transformers as tf
 
     text, vision, top, attn = tiny.split_overrides(overrides)
     vc = tf.SiglipVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=32, patch_size=4,
+                                         num_attention_heads=2, image_size=48, patch_size=4,
                                          vision_use_head=False), **vision})
     t = tiny.text_defaults(sliding_window=128)
     t.update(text)
