@@ -113,19 +113,22 @@ class MoDCacheLayer(DynamicLayer):
         self._drop_outside_window()
         return keys, values  # every key this call attends to (as DynamicSlidingWindowLayer returns)
 
-    def decode_mask(self, attention_mask: torch.Tensor | None, query_length: int, attention: str,
+    def decode_mask(self, attention_mask: torch.Tensor | None, query_length: int, attention,
                     dtype: torch.dtype) -> torch.Tensor | None:
         """The mask of a call that keeps all its ``query_length`` tokens, over the cached entries plus them.
 
         ``attention_mask``: the model's mask for this call (``[b or 1, 1, q, logical + q]`` bool or additive
-        float, or None for plain causal with no padding); ``attention``: the inner attention ("sdpa"/"eager").
-        Returns None where sdpa needs no mask (one query, no padding entries, no padding in the model's mask:
-        every cached entry is visible). Otherwise the model's mask columns at the cached entries' slots (one
+        float, or None for plain causal with no padding); ``attention``: the inner attention's name
+        ("sdpa"/"eager"), or a callable returning it (called only when a mask has to be built).
+        Returns None where no mask is needed (one query, no padding entries, no padding in the model's mask:
+        the query sees every cached entry and itself). Otherwise the model's mask columns at the cached entries' slots (one
         gather over the prefix; the tail and the new tokens are a contiguous slice), padding entries masked.
         Only for non-sliding layers (sliding layers take the layer's general path).
         """
-        if attention_mask is None and attention == "sdpa" and query_length == 1 and not self._prefix_ragged:
+        if attention_mask is None and query_length == 1 and not self._prefix_ragged:
             return None
+        if callable(attention):
+            attention = attention()
         if attention_mask is None:
             from .routing import kept_attention_mask
 

@@ -48,7 +48,8 @@ def convert_layer(layer: nn.Module, ratio: float, context: RoutingContext, *, hi
         layer.__class__ = mod_class_for(type(layer))
         layer.add_module(ROUTER_NAME, TanhNormRouter(hidden_size, alpha=alpha, beta=beta, bias=bias,
                                                      dtype=param.dtype, device=router_device(layer)))
-        getattr(layer, mlp_branch).register_forward_hook(layer._pmod_capture_mlp)
+        # the MLP branch's output is captured by a forward hook registered only around routed calls (a hook that
+        # stays registered would put every call of the branch, decode steps included, on torch's slower hook path)
         layer.pmod_mlp_branch = mlp_branch
         layer._pmod_capturing, layer._pmod_mlp_out = False, None
     _route_under_accelerate(layer)

@@ -83,11 +83,14 @@ class MoDLayerMixin:
         if cache is not None:
             call_kwargs["cache"] = cache
         if targets is None:  # nothing routed in this call (decode steps, text): the dense layer's cost
-            self.pmod_last_counts = None
+            self.__dict__["pmod_last_counts"] = None  # (plain attributes: nn.Module.__setattr__ is slow)
             return self._pmod_keep_all(hidden_states, attention_mask, position_ids, position_embeddings,
                                        cache_layer, call_kwargs)
         return self._pmod_route(hidden_states, targets, attention_mask, position_ids, position_embeddings,
                                 cache_layer, call_kwargs)
+
+    def _pmod_attention_name(self) -> str:
+        return inner_attention_name(self.self_attn)
 
     def _pmod_run(self, hidden_states, attention_mask, position_ids, position_embeddings, call_kwargs):
         out = super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
@@ -108,10 +111,11 @@ class MoDLayerMixin:
         past = cache_layer.get_seq_length() if cache_layer is not None else 0
         key_offset = past + seq - attention_mask.shape[-1] if attention_mask is not None else 0
         if key_offset == 0 and (cache_layer is None or not cache_layer.compressed or not cache_layer.is_sliding):
-            self.pmod_last_kept = _arange_rows(batch, seq, hidden_states.device)
-            self.pmod_last_key_positions = _key_positions(cache_layer, batch, past, seq, hidden_states.device)
+            self.__dict__["_pmod_last_kept"] = _arange_rows(batch, seq, hidden_states.device)
+            self.__dict__["_pmod_last_key_positions"] = _key_positions(cache_layer, batch, past, seq,
+                                                                       hidden_states.device)
             if cache_layer is not None and cache_layer.compressed:
-                attention_mask = cache_layer.decode_mask(attention_mask, seq, inner_attention_name(self.self_attn),
+                attention_mask = cache_layer.decode_mask(attention_mask, seq, self._pmod_attention_name,
                                                          hidden_states.dtype)
             return self._pmod_run(hidden_states, attention_mask, position_ids, position_embeddings, call_kwargs)
         return self._pmod_gathered(hidden_states, None, None, Gather.identity(batch, seq, hidden_states.device),
@@ -195,12 +199,17 @@ class MoDLayerMixin:
                 new_slots = (torch.arange(seq, device=hidden_states.device) + past).expand(batch, seq)
             cache_layer.arm(new_slots, seq, compressed=not identity)
 
-        self._pmod_capturing, self._pmod_mlp_out = True, None
+        capture = targets is not None and weights is not None  # STRing needs the MLP branch's output
+        self._pmod_capturing, self._pmod_mlp_out = capture, None
+        hook = getattr(self, getattr(self, "pmod_mlp_branch", "mlp")).register_forward_hook(
+            self._pmod_capture_mlp) if capture else None
         if not identity:  # a scoring layer maps its keys back to positions with this
             context.key_index, context.key_valid = gather.index, gather.valid
         try:
             out = self._pmod_run(sub_hidden, sub_mask, sub_pos, sub_pe, call_kwargs)
         finally:
+            if hook is not None:
+                hook.remove()
             self._pmod_capturing = False
             context.key_index, context.key_valid = None, None
             mlp_delta, self._pmod_mlp_out = self._pmod_mlp_out, None
