@@ -1,7 +1,11 @@
 """torch.compile on an MoD model: decode steps compile once (no graph break, no recompile per step), a routed
 prefill compiles with one break per routed layer (an eager island: the kept count is data-dependent), and the
 compiled model computes what the eager one does. Counted with torch._dynamo's counters; backend "eager"
-(dynamo's tracing and guards without code generation, so the test stays fast)."""
+(dynamo's tracing and guards without code generation, so the test stays fast).
+
+Known limit (not asserted here): each break in a routed prefill makes the MoD layer's ``forward`` its own compiled
+frame, guarded per layer, so a model with more than ``torch._dynamo.config.recompile_limit`` (8) MoD layers runs
+those frames eagerly in a compiled prefill (same results, no compile speed-up there). Decode is unaffected."""
 
 import copy
 
