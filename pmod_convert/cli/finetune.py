@@ -46,7 +46,8 @@ def finetune_cmd(
     route_text: Annotated[bool | None, typer.Option("--route-text/--no-route-text", help="Route answer text too; instruction tokens are never skipped (gamma-MoD masked routing).")] = None,
     shared_router: Annotated[bool | None, typer.Option("--shared-router/--no-shared-router", help="One router shared by all MoD layers.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate of LoRA / projector (default: 2e-4 * sqrt(4096 / hidden size); 0 changes nothing).")] = None,
-    router_lr: Annotated[float | None, typer.Option("--router-lr", help="Learning rate of the routers (default: half the LoRA lr).")] = None,
+    router_lr: Annotated[float | None, typer.Option("--router-lr", help="Learning rate of the routers (default: half the LoRA lr, for zero routers only: calibrated routers "
+                                                      "stay as calibrate chose them; giving a value trains every router).")] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay of LoRA / projector (0).")] = None,
     warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", help="Linear warmup share of the steps before the cosine decay (0.1).")] = None,
     max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", help="Gradient clipping norm (1.0; 0 = off).")] = None,

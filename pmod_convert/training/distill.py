@@ -109,11 +109,12 @@ class Teacher:
         every = dict(mod_layers(model))
         if not every:
             raise RecipeError("distillation needs an MoD model (its MoD layers are switched off for the teacher)")
-        # Attention targets only for routers that rank by content: a router whose calibration chose a position
-        # prior (``TanhNormRouter.position_prior``) was measured to keep better tokens in that order than in the
-        # dense attention's, so the ranking loss would pull it the wrong way.
+        # Attention targets only for routers that train and rank by content: a router whose calibration chose a
+        # position prior (``TanhNormRouter.position_prior``) was measured to keep better tokens in that order
+        # than in the dense attention's, so the ranking loss would pull it the wrong way; a frozen one has no use.
         self.layers = {i: layer for i, layer in every.items()
-                       if not getattr(layer, ROUTER_NAME).position_prior}
+                       if not getattr(layer, ROUTER_NAME).position_prior
+                       and getattr(layer, ROUTER_NAME).weight.requires_grad}
         self.received: dict[int, torch.Tensor] = {}
         self._queries: torch.Tensor | None = None
 

@@ -52,7 +52,7 @@ class FinetuneSettings:
 
     # Optimisation (defaults chosen on benchmarks/accuracy.py; see docs/finetuning.md)
     lr: float | None = None  # LoRA / projector; None: sized from the hidden size (see learning_rates)
-    router_lr: float | None = None  # None: half the LoRA learning rate
+    router_lr: float | None = None  # None: half the LoRA lr, zero routers only (calibrated ones stay fixed)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
