@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PmodError
+from ..progress import quiet_library_bars
 from .model import PretrainSettings, TinyLlavaSettings
 
 MARKER = ".pmod-quickstart"
@@ -249,21 +250,9 @@ def quickstart(out: str | Path = "pmod-quickstart", *, fast: bool = False, setti
     settings = (settings or (QuickstartSettings.fast_run() if fast else QuickstartSettings.full())).validate()
     out = Path(out)
     prepare_out(out, overwrite)
-    with _transformers_bars_off():  # one bar per stage of ours, not one per weight file read or written
+    with quiet_library_bars():  # one bar per stage of ours, not one per weight file read or written
         return _run(out, settings, console)
 
-
-@contextmanager
-def _transformers_bars_off() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _run(out: Path, settings: QuickstartSettings, console: Any) -> QuickstartReport:
