@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .progress import quiet_known_noise  # noqa: E402
+
+quiet_known_noise()  # one exact library notice users cannot act on (see progress.QUIETED), also for API users
+
 from .api import add_routers, convert, is_pmod_model, layer_infos, load_dense, load_pretrained, save_pretrained  # noqa: E402
 from .errors import CheckpointError, DataError, PmodError, RecipeError, UnsupportedArchitecture  # noqa: E402
 from .recipe import Recipe, RouterSettings, ScheduleSettings  # noqa: E402
