@@ -164,7 +164,7 @@ def main() -> None:
     print(f"LLaVA-like decoder {args.shape}: {result['layers']} layers x hidden {result['hidden']}, "
           f"{n_vision} vision + {result['text_tokens']} text tokens, batch {args.batch_size}, LoRA r {args.lora_r}, "
           f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {result['threads']} threads, "
-          f"MoD objective {args.loss}" + (f" + router ranking (eager teacher attention)" if teacher is not None
+          f"MoD objective {args.loss}" + (" + router ranking (eager teacher attention)" if teacher is not None
                                          and teacher.attention else ""))
     print(f"MoD layers {result['mod_layers']}: ratios {result['ratios']}")
     print(f"median step  dense {med['dense'] * 1e3:8.1f} ms   MoD {med['mod'] * 1e3:8.1f} ms   "

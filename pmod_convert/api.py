@@ -26,7 +26,7 @@ from .errors import CheckpointError, PmodError, RecipeError
 from .mod.context import RoutingContext, accept_vision_mask
 from .mod.inject import check_attention, convert_layer
 from .mod.layer import MoDLayerMixin
-from .mod.router import ROUTER_NAME, set_position_priors
+from .mod.router import ROUTER_NAME, position_priors, set_position_priors
 from .mod.scoring import METHODS, install_scoring, score_layers_for
 from .recipe import Recipe, RouterSettings, ScheduleSettings
 from .sidecar import has_sidecar, load_router_state, load_sidecar
@@ -190,12 +190,23 @@ def save_pretrained(model: nn.Module, path: str | Path, *, source: str | Path | 
         raise CheckpointError("this model has no MoD layers; call pmod_convert.add_routers(model, recipe) first")
     if recipe is None:
         recipe = recipe_from_config(model.config.pmod)
+    sync_position_priors(model)
     with atomic_folder(path, overwrite=overwrite, protect=() if source is None else (source,)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if source is not None:
             copy_processor_files(source, tmp)
         recipe.save(tmp / "recipe.yaml")
     return Path(path)
+
+
+def sync_position_priors(model: nn.Module) -> None:
+    """Record the routers' position priors in ``model.config.pmod["position_prior"]`` (removed when all are 0,
+    so checkpoints without priors stay as before); what ``load_pretrained`` restores."""
+    priors = position_priors(get_adapter(model).decoder_layers(model))
+    if any(priors):
+        model.config.pmod["position_prior"] = priors
+    else:
+        model.config.pmod.pop("position_prior", None)
 
 
 def recipe_from_config(pmod: dict) -> Recipe:

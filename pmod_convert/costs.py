@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_config, read_routers, router_key
+from .checkpoint import read_routers, router_key
 from .efficiency import CONVENTIONS, PAPER_TEXT_TOKENS, Estimate, TextShape, default_vision_tokens, estimate
 from .errors import CheckpointError, RecipeError
 

@@ -122,11 +122,17 @@ def test_nearest_count_for_fixed_size_images():
 
 def test_cli_shape_writes_json_and_png(tmp_path):
     out = tmp_path / "reports" / "bench.json"
-    code, output = run("bench", "--shape", "tiny", "--batch-size", 2, "--vision-tokens", 24, "--text-tokens", 6,
-                       "--new-tokens", 3, "--repeats", 1, "--warmup", 0, "--ratio", 0.5, "--out", out)
+    before = torch.get_num_threads()
+    try:
+        code, output = run("bench", "--shape", "tiny", "--batch-size", 2, "--vision-tokens", 24, "--text-tokens", 6,
+                           "--new-tokens", 3, "--repeats", 1, "--warmup", 0, "--ratio", 0.5, "--out", out,
+                           "--threads", 1)
+    finally:
+        torch.set_num_threads(before)  # --threads sets the (test) process's torch threads
     assert code == 0, output
     assert "MoD / dense" in output and "prefill latency," in output and "KV cache after" in output
     data = json.loads(out.read_text())
+    assert data["threads"] == 1 and len(data["pinned_cpus"]) == 1  # --threads reaches bench (pinned CPUs)
     assert data["family"] == "qwen2_vl" and data["layer_ratios"] == [0.5] * 4
     assert data["vision_tokens"] == 24 and data["batch_size"] == 2
     assert data["mod"]["cached_tokens_per_layer"] == [2 * (6 + 12)] * 4

@@ -21,7 +21,6 @@ from pmod_convert.training.data import load_training_data, split_validation
 from pmod_convert.training.distill import Teacher
 from pmod_convert.training.losses import distill_loss_sum, distill_positions, router_rank_loss
 from pmod_convert.training.lora import load_base, prepare_for_training
-from pmod_convert.training.routing import RouterTaps
 
 MOD_LAYERS = [1, 2, 3]
 QUIET = dict(save_steps=0, stats_samples=4)

@@ -5,7 +5,7 @@ import types
 
 import pytest
 import torch
-from conftest import FAMILIES, batch_inputs, constant, randomize_routers, tiny_model
+from conftest import batch_inputs, constant, randomize_routers, tiny_model
 
 from pmod_convert import add_routers
 from pmod_convert.errors import PmodError

@@ -254,12 +254,13 @@ def test_pmod_model_in_process_matches_eval_on_other_families(family, tmp_path):
                                          0, meta)])[0].text
     assert answer == expected.predictions[0]["prediction"]
     word = first_word(answer)
-    if word is not None:
-        options = [word] + [d for d in DISTRACTORS if d != word][:2]
-        pairs = [r.text for r in lm.loglikelihood([Instance("loglikelihood", ("w40 w41", " " + o, visual, 0, "t", "test"),
-                                                            0, meta) for o in options])]
-        assert [greedy for _, greedy in pairs] == [True, False, False]
-        assert pairs[0][0] == min(loss for loss, _ in pairs)
+    assert word is not None, f"the tiny model's answer {answer!r} has no word to score"
+    options = [word] + [d for d in DISTRACTORS if d != word][:2]
+    pairs = [r.text for r in lm.loglikelihood([Instance("loglikelihood", ("w40 w41", " " + o, visual, 0, "t", "test"),
+                                                        0, meta) for o in options])]
+    assert [greedy for _, greedy in pairs] == [True, False, False]
+    assert pairs[0][0] == min(loss for loss, _ in pairs)
+    assert len(lm.token_counts["t"]) == 2  # the generated prompt and the scored one (once for its 3 options)
     summary = lm.summarize_efficiency()["tasks"]["t"]
     assert summary["decoder_flops_ratio"] == pytest.approx(expected.decoder_flops_ratio, rel=1e-9)
     assert summary["kv_ratio"] == pytest.approx(expected.kv_ratio, rel=1e-9)

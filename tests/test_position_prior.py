@@ -5,15 +5,16 @@ import json
 
 import pytest
 import torch
-from conftest import constant, randomize_routers, single_rows, tiny_model
+from conftest import constant, randomize_routers, run, single_rows, tiny_model
 
 from pmod_convert import add_routers, load_pretrained, save_pretrained
 from pmod_convert.api import mod_layers
-from pmod_convert.calibration.warm_start import RouterFit, order_candidates, position_priors, select_routers
+from pmod_convert.calibration.warm_start import RouterFit, order_candidates, select_routers
+from pmod_convert.checkpoint import read_config
 from pmod_convert.data import collate
 from pmod_convert.adapters import adapter_by_family
 from pmod_convert.errors import CheckpointError
-from pmod_convert.mod.router import ROUTER_NAME, relative_positions
+from pmod_convert.mod.router import ROUTER_NAME, position_priors, relative_positions
 from pmod_convert.mod.routing import select_tokens
 from pmod_convert.tiny import RESERVED
 
@@ -76,14 +77,21 @@ def test_prior_changes_the_selection_and_keeps_cached_equal_uncached_and_padded_
 def test_prior_survives_save_and_load_pretrained_and_is_checked(tmp_path):
     dense, config = tiny_model("llava")
     mod = _with_priors(add_routers(dense, constant(0.5, layers=[1, 2])), 0.75)
-    mod.config.pmod["position_prior"] = position_priors([m for m in mod.model.language_model.layers])
-    assert mod.config.pmod["position_prior"] == [None, 0.75, 0.75, None]
-    save_pretrained(mod, tmp_path / "ckpt")
+    save_pretrained(mod, tmp_path / "ckpt")  # the routers' priors are recorded, not only calibrate's
+    assert read_config(tmp_path / "ckpt")["pmod"]["position_prior"] == [None, 0.75, 0.75, None]
+    code, output = run("inspect", tmp_path / "ckpt", "--json")
+    assert code == 0, output
+    assert [row["position_prior"] for row in json.loads(output)["layers"]] == [None, 0.75, 0.75, None]
     loaded = load_pretrained(tmp_path / "ckpt")
-    assert [getattr(layer, ROUTER_NAME).position_prior for _, layer in mod_layers(loaded)] == [0.75, 0.75]
+    assert position_priors(loaded.model.language_model.layers) == [None, 0.75, 0.75, None]
+    save_pretrained(loaded, tmp_path / "again")  # load -> save keeps them
+    assert read_config(tmp_path / "again")["pmod"]["position_prior"] == [None, 0.75, 0.75, None]
     row = single_rows("llava", config)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**row).logits, mod(**row).logits)
+    _with_priors(loaded, 0.0)
+    save_pretrained(loaded, tmp_path / "none")  # all zero: no key, as checkpoints without priors
+    assert "position_prior" not in read_config(tmp_path / "none")["pmod"]
     path = tmp_path / "ckpt" / "config.json"
     cfg = json.loads(path.read_text())
     for bad in (["x", 1, 1, None], [None, 1.0], [None, float("nan"), 1, None]):

@@ -44,7 +44,6 @@ from .warm_start import (
     RouterFit,
     RouterFitter,
     order_candidates,
-    position_priors,
     select_routers,
     set_routers,
 )
@@ -229,10 +228,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
         if warm_start:
             set_routers(layers, fits)
             agreement["warm_start"] = _agreement(model, items, references, run_device, progress, "warm start")
-    set_routers(layers, fits if warm_start else None)
-    priors = position_priors(layers)
-    if any(priors):
-        model.config.pmod["position_prior"] = priors
+    set_routers(layers, fits if warm_start else None)  # save_pretrained records the routers' position priors
 
     report = clean(_report(
         checkpoint=checkpoint, data=data, ids=ids, fit=fit, held=held, skipped=dataset.skipped + skipped,

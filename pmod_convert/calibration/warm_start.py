@@ -156,12 +156,6 @@ def order_candidates(fits: dict[int, RouterFit], hidden: int, logit_std: float) 
     return out
 
 
-def position_priors(layers: nn.ModuleList) -> list[float | None]:
-    """Per-layer ``position_prior`` of the MoD routers (None for dense layers), for ``config.json``."""
-    return [float(getattr(layer, ROUTER_NAME).position_prior) if isinstance(layer, MoDLayerMixin) else None
-            for layer in layers]
-
-
 def set_routers(layers: nn.ModuleList, fits: dict[int, RouterFit] | None) -> None:
     """Load fitted routers into the MoD layers (``None``: zero routers, the fresh p-MoD start), with each
     fit's ``position_prior`` (0 for a layer without a fit)."""

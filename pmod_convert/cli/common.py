@@ -100,12 +100,16 @@ def one_line_errors(func):
     with transformers' own loading bars off, so only the toolkit's progress shows (``pmod_convert.progress``).
     """
 
+    own_threads = "threads" in inspect.signature(func).parameters  # e.g. bench pins CPUs with it itself
+
     @functools.wraps(func)
     def wrapper(*args, threads: int | None = None, **kwargs):
         from ..progress import quiet_library_bars
 
         try:
             set_threads(threads)
+            if own_threads:
+                kwargs["threads"] = threads
             with quiet_library_bars():
                 return func(*args, **kwargs)
         except PmodError as exc:

@@ -104,6 +104,7 @@ class PmodLMM(lmms):
         self._ratios = list(pmod["layer_ratios"]) if isinstance(pmod, dict) else [None] * self._shape.num_layers
         self._vision_ids = torch.tensor(sorted(self.encoder.vision_ids))
         self.token_counts: dict[str, list[tuple[int, int]]] = defaultdict(list)  # task -> (vision, text) per prompt
+        self._scored_docs: set[tuple[str, Any]] = set()  # (task, doc_id) whose prompt is counted (multiple choice)
         self._generated = 0
         self._seconds = 0.0
         self.efficiency: dict[str, Any] | None = None
@@ -240,7 +241,9 @@ class PmodLMM(lmms):
     def _loglikelihood(self, context: str, continuation: str, images: list[Any], task: str,
                        doc_id: Any) -> tuple[float, bool, int]:
         prompt_inputs = self._encode(images, context, task, doc_id)
-        self._count(task, prompt_inputs["input_ids"])
+        if (task, doc_id) not in self._scored_docs:  # one prompt per question, however many options it has
+            self._scored_docs.add((task, doc_id))
+            self._count(task, prompt_inputs["input_ids"])
         continuation_ids = self._continuation_ids(images, context, continuation, task, doc_id)
         cont = torch.tensor([continuation_ids])
         inputs = dict(prompt_inputs)
@@ -277,7 +280,8 @@ class PmodLMM(lmms):
         return whole[len(head):]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError("the pmod model does not implement multi-round generation; use single-turn tasks")
+        raise RecipeError("the pmod lmms-eval model answers single-turn tasks only (generate_until); this task "
+                          "needs multi-round generation")
 
     # ---- efficiency summary --------------------------------------------------------------------------
     def summarize_efficiency(self) -> dict[str, Any] | None:

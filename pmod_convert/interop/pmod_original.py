@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..checkpoint import (
     atomic_folder,
     check_replaceable,
@@ -194,7 +193,11 @@ def _vision_config(config: dict, source: Path, vision_config: str | Path | None)
         raise CheckpointError(f"{source}/config.json has no mm_vision_tower; pass --vision-config CLIP_CONFIG_JSON")
     local = Path(name)
     if local.is_dir() and (local / "config.json").is_file():
-        data = json.loads((local / "config.json").read_text())
+        try:
+            data = json.loads((local / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"the vision tower folder {name}'s config.json cannot be read as JSON ({exc}); "
+                                  "fix it or pass --vision-config") from None
         return dict(data.get("vision_config", data)), f"the local vision tower folder {name}"
     if name in KNOWN_TOWERS:
         return dict(KNOWN_TOWERS[name]), f"the known config of {name}"

@@ -88,11 +88,6 @@ class MoDCacheLayer(DynamicLayer):
         if value is not None:
             self._batch = value.shape[0]
 
-    @property
-    def ragged(self) -> bool:
-        """Whether rows hold different numbers of entries (padding entries with slot -1 exist)."""
-        return self._prefix_ragged
-
     def arm(self, slots: torch.Tensor, query_length: int, compressed: bool) -> None:
         """Announce the slots of the keys the next ``update`` receives, and the logical step size."""
         self._pending = (slots, query_length, compressed)

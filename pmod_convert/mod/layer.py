@@ -139,8 +139,8 @@ class MoDLayerMixin:
                 self.pmod_last_counts = (n_targets, n_targets)
             else:
                 segments = context.segments_for(hidden_states)
-                keep = select_tokens(router.selection_scores(logits, targets, segments), targets, self.pmod_ratio,
-                                     segments=segments)
+                scores = router.selection_scores(logits, targets, segments) if context.method == "pmod" else logits
+                keep = select_tokens(scores, targets, self.pmod_ratio, segments=segments)
                 gather = Gather.from_keep(keep)
                 # Per row: target tokens seen and kept in this call (read by retention reports).
                 self.pmod_last_counts = (n_targets, (keep & targets).sum(1))

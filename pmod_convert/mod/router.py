@@ -83,6 +83,16 @@ def relative_positions(targets: torch.Tensor, segments: torch.Tensor | None = No
     return torch.where(targets, u, torch.zeros_like(u))
 
 
+def position_priors(layers) -> list[float | None]:
+    """Per-layer ``position_prior`` of the routers of ``layers`` (None for a layer without a router), the
+    ``config.json`` ``pmod.position_prior`` list."""
+    out = []
+    for layer in layers:
+        router = getattr(layer, ROUTER_NAME, None)
+        out.append(None if router is None else float(router.position_prior))
+    return out
+
+
 def set_position_priors(layers, priors) -> None:
     """Set ``position_prior`` of every MoD layer's router from a per-layer list (None / absent = 0).
 

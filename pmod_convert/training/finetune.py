@@ -121,6 +121,8 @@ def finetune(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     vision_ids = sorted(dataset.encoder.vision_ids)
     needs_teacher = settings.loss != "ce" or settings.router_rank_coef > 0
     teacher = Teacher(model, vision_ids, attention=settings.router_rank_coef > 0) if needs_teacher else None
+    if teacher is not None and not teacher.layers:
+        teacher.attention = False  # no trained router ranks by content: no attention targets to capture
     validator = None
     if main:
         validator = Validator(held, Teacher(model, vision_ids), accelerator.device, batch_size=8,

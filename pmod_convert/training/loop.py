@@ -315,7 +315,8 @@ class TrainingLoop:
             set_rng_state(ckpt["rng"])
         checks = eval_schedule(self.total_steps, settings.eval_steps)
 
-        need_taps = settings.router_aux_coef > 0 or (self.teacher is not None and settings.router_rank_coef > 0)
+        need_taps = settings.router_aux_coef > 0 or (
+            self.teacher is not None and self.teacher.attention and settings.router_rank_coef > 0)
         taps = RouterTaps(self.model) if need_taps else contextlib.nullcontext()
         text = TextRouting(self.model) if settings.route_text else contextlib.nullcontext()
         anchor = self.trainable if acc.num_processes > 1 else ()

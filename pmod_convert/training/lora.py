@@ -176,7 +176,8 @@ def parameter_groups(model: nn.Module, settings: FinetuneSettings) -> list[dict]
         groups.append({"params": router_params, "lr": router_lr, "weight_decay": 0.0,
                        "name": "routers"})
     if not groups:
-        raise RecipeError("nothing to train: the model has no MoD routers and no LoRA adapter")
+        raise RecipeError("nothing to train: no LoRA adapter (--lora-r 0) and no router to train (calibrated "
+                          "routers stay as calibrate chose them unless --router-lr is given)")
     return groups
 
 
