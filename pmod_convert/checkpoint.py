@@ -78,6 +78,9 @@ def check_config_numbers(config: dict, where: str | Path = "config.json") -> Non
                                       "or not a model pmod-convert can build")
 
 
+MAX_POSITION_PRIOR = 1e6  # far above any useful prior (router logits are O(1)), far below float32 overflow
+
+
 def check_pmod_section(config: dict, where: str | Path = "config.json") -> None:
     """Refuse a stored ``pmod`` section whose ``layer_ratios`` are not a list of retention ratios in (0, 1]
     (or null for dense layers), whose ``position_prior`` (optional) is not one finite number or null per layer,
@@ -101,9 +104,10 @@ def check_pmod_section(config: dict, where: str | Path = "config.json") -> None:
             raise CheckpointError(f"{where}: pmod.position_prior must be a list with one entry per layer "
                                   f"({len(ratios)}), got {str(priors)[:60]}; the checkpoint is corrupt")
         for i, p in enumerate(priors):
-            if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p)):
-                raise CheckpointError(f"{where}: pmod.position_prior[{i}] is {p!r}, not a finite number (or null); "
-                                      "the checkpoint is corrupt")
+            if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p)
+                                  or abs(p) > MAX_POSITION_PRIOR):
+                raise CheckpointError(f"{where}: pmod.position_prior[{i}] is {p!r}, not a number within "
+                                      f"+-{MAX_POSITION_PRIOR:g} (or null); the checkpoint is corrupt")
     router = pmod.get("router") or {}
     if not isinstance(router, dict):
         raise CheckpointError(f"{where}: pmod.router must be a mapping; the checkpoint is corrupt")
@@ -196,11 +200,19 @@ def check_replaceable(out: str | Path, protect: Iterable[str | Path] = ()) -> No
 
     Raises:
         CheckpointError: ``out`` is not a folder, is the current directory or one of its parents, is one of
-            ``protect`` (the command's sources) or a folder holding one, or is a non-empty folder that this
+            ``protect`` (the command's sources), a folder holding one or a folder inside one (existing or not),
+            or is a non-empty folder that this
             toolkit did not write (see :func:`written_by_pmod`), or its folder is read-only, or its disk has
             less free space than the sources in ``protect`` take (see :func:`check_free_space`).
     """
     out = Path(out)
+    inside = out.resolve()
+    for source in protect:
+        source = Path(source).resolve()
+        if inside != source and inside.is_relative_to(source):
+            raise CheckpointError(f"--out {out} is inside the source {source}; outputs never go into a source "
+                                  "folder (its finetune sidecar or other files could be replaced): choose a folder "
+                                  "outside it")
     check_writable(out)  # commands call this before their expensive work
     check_free_space(out, sum(_tree_bytes(Path(p)) for p in protect))
     if not out.exists() and not out.is_symlink():

@@ -56,6 +56,9 @@ def load_router_state(model: nn.Module, state: dict[str, torch.Tensor], where: s
             if value.shape != param.shape:
                 raise CheckpointError(f"{where}: router {key[1]} of layer {key[0]} has shape "
                                       f"{tuple(value.shape)}, expected {tuple(param.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{where}: router {key[1]} of layer {key[0]} holds NaN or infinite values; "
+                                      "the checkpoint is corrupt (re-run calibrate or finetune)")
             param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 

@@ -111,6 +111,18 @@ def test_stored_non_finite_router_settings_are_refused(mod, tmp_path):
     assert "pmod.router.tanh_beta is inf, not a finite number" in one_error_line(output)
 
 
+def test_stored_non_finite_router_weights_are_refused_on_load(mod, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = copy_tree(mod, tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    name = next(k for k in tensors if "pmod_router.weight" in k)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="holds NaN or infinite values"):
+        load_pretrained(bad)
+
+
 # ---- 12. bounds up front ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key, value, message", [
     ("num_hidden_layers", 10**9, "text_config.num_hidden_layers is 1000000000, outside 1..4096"),

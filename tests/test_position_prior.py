@@ -94,7 +94,7 @@ def test_prior_survives_save_and_load_pretrained_and_is_checked(tmp_path):
     assert "position_prior" not in read_config(tmp_path / "none")["pmod"]
     path = tmp_path / "ckpt" / "config.json"
     cfg = json.loads(path.read_text())
-    for bad in (["x", 1, 1, None], [None, 1.0], [None, float("nan"), 1, None]):
+    for bad in (["x", 1, 1, None], [None, 1.0], [None, float("nan"), 1, None], [None, 1e39, 1, None]):
         cfg["pmod"]["position_prior"] = bad
         path.write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match="position_prior"):

@@ -334,7 +334,13 @@ def test_overwrite_never_replaces_a_source_its_parent_cwd_or_a_foreign_folder(de
              (["add-routers", source, "--out", ".", "--overwrite"], "current directory"),
              (["add-routers", source, "--out", foreign, "--overwrite"], "not written by pmod-convert"),
              (["export", mod, "--out", mod.parent, "--quantize", "none", "--overwrite"], "source"),
-             (["export", mod, "--out", foreign, "--quantize", "none", "--overwrite"], "not written by pmod-convert")]
+             (["export", mod, "--out", foreign, "--quantize", "none", "--overwrite"], "not written by pmod-convert"),
+             # inside a source: e.g. a finetune sidecar folder (it carries our marker) or a new subfolder
+             (["add-routers", source, "--out", source / "pmod_adapter", "--overwrite"], "inside the source"),
+             (["add-routers", source, "--out", source / "sub"], "inside the source")]
+    (source / "pmod_adapter").mkdir()
+    (source / "pmod_adapter" / OUTPUT_MARKER).write_text("")
+    before = snapshot(parent)
     for args, message in cases:
         code, output = run(*args)
         assert code != 0, args

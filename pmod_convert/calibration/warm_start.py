@@ -231,10 +231,12 @@ def select_routers(mod_layers: list[int], candidates: dict[str, dict[int, Router
     the FIRST k vision tokens, whose states stay exact under causal attention); this keeps a fitted router
     only where it measurably helps: it must lower the validation KL by at least ``min_gain`` (relative),
     so noise on a small validation set does not swap in a router. Returns the chosen fits (absent = zero)
-    and a per-layer log.
+    and a log (first entry ``layer "all"``, then one per layer) whose ``candidates`` also hold the KL of the
+    router the layer had before (``kept (...)``; ``zero`` for the all-layer step) and ``min_gain``.
     """
     chosen: dict[int, RouterFit] = {}
     best = validation_kl(chosen)
+    zero_kl = best
     history = []
     # Start from the best candidate applied to every layer at once: layers interact (e.g. keeping the last
     # tokens may pay only when every layer does), which a layer-by-layer pass from zero cannot see.
@@ -242,8 +244,10 @@ def select_routers(mod_layers: list[int], candidates: dict[str, dict[int, Router
     name = min(uniform, key=lambda n: (uniform[n], n)) if uniform else None
     if name is not None and uniform[name] < (1.0 - min_gain) * best:
         chosen, best = {i: candidates[name][i] for i in mod_layers}, uniform[name]
-    history.append({"layer": "all", "choice": name if chosen else "zero", "validation_kl": best, "candidates": uniform})
+    history.append({"layer": "all", "choice": name if chosen else "zero", "validation_kl": best,
+                    "candidates": {**uniform, "zero": zero_kl}, "min_gain": min_gain})
     for layer in mod_layers:
+        before = best  # the validation KL with this layer's current router (zero, or the all-layer choice)
         scores = {}
         for name, fits in candidates.items():
             trial = dict(chosen)
@@ -263,5 +267,7 @@ def select_routers(mod_layers: list[int], candidates: dict[str, dict[int, Router
             best = scores[name]
         else:
             name = current.target if current is not None else "zero"
-        history.append({"layer": layer, "choice": name, "validation_kl": best, "candidates": scores})
+        had = current.target if current is not None else "zero"
+        history.append({"layer": layer, "choice": name, "validation_kl": best, "min_gain": min_gain,
+                        "candidates": {**scores, f"kept ({had})": before}})
     return chosen, history

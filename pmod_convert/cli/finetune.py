@@ -69,7 +69,8 @@ def finetune_cmd(
     allow_pickle: AllowPickleOpt = False,
     allow_outside_images: AllowOutsideImagesOpt = False,
 ) -> None:
-    """Train the routers fully and the language model with LoRA; save both as the checkpoint's sidecar."""
+    """Distil the dense model into LoRA adapters (and the zero routers; calibrated routers stay as chosen unless
+    --router-lr is given), validated while training; save the result as the checkpoint's sidecar."""
     from accelerate.state import PartialState
 
     from ..training import FinetuneSettings, finetune

@@ -230,8 +230,9 @@ def _check_outputs(checkpoint: Path, out: Path | None, run_dir: Path, resume: bo
     """Refuse before any training time is spent, not after."""
     if out is not None and out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out is not None and overwrite:
+    if out is not None:  # writable, not inside the source; an existing one only with --overwrite and if ours
         check_replaceable(out, protect=(checkpoint,))
+    check_writable(run_dir)
     if out is None:
         check_writable(checkpoint / SIDECAR_DIR)  # the sidecar goes into the checkpoint folder
     if out is None and has_sidecar(checkpoint) and not overwrite:
