@@ -244,7 +244,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     else:
         writer = atomic_folder(dest, overwrite=overwrite, protect=(checkpoint,))
     with writer as tmp:
-        save_pretrained(model, tmp, source=checkpoint, recipe=recipe, overwrite=True)
+        # in place, the checkpoint's processor files stay where they are (only written files are replaced)
+        save_pretrained(model, tmp, source=None if in_place else checkpoint, recipe=recipe, overwrite=True)
         write_report(tmp, report)
     return CalibrationResult(path=dest, schedule=solution.settings, ratios=solution.ratios, report=report)
 
@@ -294,7 +295,7 @@ def _calibrate_baseline(checkpoint: Path, data, image_folder, *, dest: Path, in_
     else:
         writer = atomic_folder(dest, overwrite=overwrite, protect=(checkpoint,))
     with writer as tmp:
-        save_pretrained(model, tmp, source=checkpoint, overwrite=True)
+        save_pretrained(model, tmp, source=None if in_place else checkpoint, overwrite=True)
         (Path(tmp) / REPORT_FILE).write_text(json.dumps(report, indent=1))
     return CalibrationResult(path=dest, schedule=ScheduleSettings(kind="explicit", ratios=list(solution.ratios)),
                              ratios=solution.ratios, report=report)
