@@ -31,8 +31,7 @@ def tiny_config(**overrides: Any):
               video_start_token_id=6, video_end_token_id=7, tie_word_embeddings=tc.tie_word_embeddings)
     kw.update(top)
     config = tf.Glm4vConfig(text_config=tc, vision_config=vc, **kw)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        setattr(config, key, getattr(tc, key))
+    tiny.copy_token_ids(config, tc)
     return tiny.finish_config(config, attn)
 
 

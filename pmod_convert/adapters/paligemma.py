@@ -41,8 +41,7 @@ def tiny_config(**overrides: Any):
               vocab_size=tc.vocab_size, tie_word_embeddings=tc.tie_word_embeddings)
     kw.update(top)
     config = tf.PaliGemmaConfig(text_config=tc, vision_config=vc, **kw)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        setattr(config, key, getattr(tc, key))
+    tiny.copy_token_ids(config, tc)
     return tiny.finish_config(config, attn)
 
 

@@ -43,8 +43,7 @@ def _tiny_config(family: str, overrides: dict[str, Any]):
               tie_word_embeddings=tc.tie_word_embeddings)
     kw.update(top)
     config = cfg_cls(text_config=tc, vision_config=vc, **kw)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        setattr(config, key, getattr(tc, key))
+    tiny.copy_token_ids(config, tc)
     return tiny.finish_config(config, attn)
 
 

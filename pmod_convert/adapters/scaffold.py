@@ -129,6 +129,13 @@ def text_defaults(**extra: Any) -> dict[str, Any]:
     return d
 
 
+def copy_token_ids(config: Any, text_config: Any) -> Any:
+    """Copy ``pad/bos/eos_token_id`` from the text config to the top config (``generate()`` reads them there)."""
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(config, key, getattr(text_config, key))
+    return config
+
+
 def finish_config(config: Any, attn: str) -> Any:
     """Set the attention implementation on the config and all sub-configs."""
     if attn not in ("sdpa", "eager"):
