@@ -26,7 +26,7 @@ from .errors import CheckpointError, PmodError, RecipeError
 from .mod.context import RoutingContext, accept_vision_mask
 from .mod.inject import check_attention, convert_layer
 from .mod.layer import MoDLayerMixin
-from .mod.router import ROUTER_NAME, position_priors, set_position_priors
+from .mod.router import ROUTER_NAME, layer_scorers, position_priors, set_layer_scorers, set_position_priors
 from .mod.scoring import METHODS, install_scoring, score_layers_for
 from .recipe import Recipe, RouterSettings, ScheduleSettings
 from .sidecar import has_sidecar, load_router_state, load_sidecar
@@ -200,13 +200,20 @@ def save_pretrained(model: nn.Module, path: str | Path, *, source: str | Path | 
 
 
 def sync_position_priors(model: nn.Module) -> None:
-    """Record the routers' position priors in ``model.config.pmod["position_prior"]`` (removed when all are 0,
-    so checkpoints without priors stay as before); what ``load_pretrained`` restores."""
-    priors = position_priors(get_adapter(model).decoder_layers(model))
+    """Record the routers' position priors and scorers in ``model.config.pmod`` (``"position_prior"``,
+    ``"scorer"``; each removed when every layer has the default, so such checkpoints stay as before); what
+    ``load_pretrained`` restores."""
+    layers = get_adapter(model).decoder_layers(model)
+    priors = position_priors(layers)
     if any(priors):
         model.config.pmod["position_prior"] = priors
     else:
         model.config.pmod.pop("position_prior", None)
+    scorers = layer_scorers(layers)
+    if any(s not in (None, "router") for s in scorers):
+        model.config.pmod["scorer"] = scorers
+    else:
+        model.config.pmod.pop("scorer", None)
 
 
 def recipe_from_config(pmod: dict) -> Recipe:
@@ -319,6 +326,11 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     adapter_ = get_adapter(model)
     _apply(model, adapter_, list(pmod["layer_ratios"]), recipe.router, method=pmod.get("method", "pmod"))
     set_position_priors(adapter_.decoder_layers(model), pmod.get("position_prior"))
+    try:
+        set_layer_scorers(adapter_.decoder_layers(model), pmod.get("scorer"), norm_name=adapter_.input_norm,
+                          rope=adapter_.attention_rope)
+    except PmodError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     model.config.pmod = pmod
     _load_router_weights(model, path, allow_pickle)
     if adapter and has_sidecar(path):

@@ -536,6 +536,7 @@ def _bench(mod_model, dense_model, *, batch_size, vision_tokens, text_tokens, ne
            seed, memory, progress, label, max_repeats, target_spread) -> BenchReport:
     from .progress import progress as tqdm  # ETA on a terminal, periodic lines when piped
 
+    from .costs import stored_scorers
     from .efficiency import TextShape, default_vision_tokens, estimate
 
     ratios = _check_pair(mod_model, dense_model)
@@ -588,7 +589,8 @@ def _bench(mod_model, dense_model, *, batch_size, vision_tokens, text_tokens, ne
     runs = {name: _model_run(timed[name], peaks[name], batch_size, new_tokens) for name in models}
     element = torch.empty((), dtype=dtype).element_size()
     est = estimate(TextShape.from_config(mod_model.config), ratios, [plan.vision_tokens] * batch_size,
-                   [plan.text_tokens] * batch_size, new_tokens=new_tokens, bytes_per_element=element)
+                   [plan.text_tokens] * batch_size, new_tokens=new_tokens, bytes_per_element=element,
+                   scorers=stored_scorers(mod_model.config))
     d, m = runs["dense"], runs["mod"]
     report_ratios = {
         "prefill_time": _ratio(m.prefill_s_median, d.prefill_s_median),

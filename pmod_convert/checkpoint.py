@@ -84,6 +84,7 @@ MAX_POSITION_PRIOR = 1e6  # far above any useful prior (router logits are O(1)),
 def check_pmod_section(config: dict, where: str | Path = "config.json") -> None:
     """Refuse a stored ``pmod`` section whose ``layer_ratios`` are not a list of retention ratios in (0, 1]
     (or null for dense layers), whose ``position_prior`` (optional) is not one finite number or null per layer,
+    whose ``scorer`` (optional) is not one of ``mod.scoring.SCORERS`` or null per layer,
     or whose router ``tanh_alpha`` / ``tanh_beta`` are not finite numbers."""
     pmod = config.get("pmod")
     if not isinstance(pmod, dict) or "layer_ratios" not in pmod:
@@ -108,6 +109,14 @@ def check_pmod_section(config: dict, where: str | Path = "config.json") -> None:
                                   or abs(p) > MAX_POSITION_PRIOR):
                 raise CheckpointError(f"{where}: pmod.position_prior[{i}] is {p!r}, not a number within "
                                       f"+-{MAX_POSITION_PRIOR:g} (or null); the checkpoint is corrupt")
+    scorers = pmod.get("scorer")
+    if scorers is not None:
+        from .mod.scoring import SCORERS
+
+        if not isinstance(scorers, list) or len(scorers) != len(ratios) or any(
+                s is not None and s not in SCORERS for s in scorers):
+            raise CheckpointError(f"{where}: pmod.scorer must be a list with one of {', '.join(SCORERS)} (or null) "
+                                  f"per layer ({len(ratios)}), got {str(scorers)[:60]}; the checkpoint is corrupt")
     router = pmod.get("router") or {}
     if not isinstance(router, dict):
         raise CheckpointError(f"{where}: pmod.router must be a mapping; the checkpoint is corrupt")

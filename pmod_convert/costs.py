@@ -131,6 +131,15 @@ def stored_ratios(config: dict) -> list[float | None] | None:
     return None
 
 
+def stored_scorers(config) -> list[str | None] | None:
+    """The checkpoint's per-layer scorers (``pmod.scorer``; None: every MoD layer ranks with its router), for
+    ``efficiency.estimate(..., scorers=)``. ``config``: a config.json dict or a transformers config."""
+    pmod = config.get("pmod") if isinstance(config, dict) else getattr(config, "pmod", None)
+    if isinstance(pmod, dict) and isinstance(pmod.get("scorer"), list):
+        return list(pmod["scorer"])
+    return None
+
+
 def checkpoint_cost(config: dict, folder: str | Path | None = None, *, ratios: list[float | None] | None = None,
                     ratios_source: str | None = None, vision_tokens: int | None = None,
                     text_tokens: int | None = None, convention: str = "exact") -> CheckpointCost:
@@ -158,10 +167,12 @@ def checkpoint_cost(config: dict, folder: str | Path | None = None, *, ratios: l
                      "checkpoint's (drop the schedule options to see it)")
     workload = choose_workload(config, folder, vision_tokens, text_tokens, convention)
     shape = TextShape.from_config(config)
-    est = estimate(shape, list(ratios), workload.n_vision, workload.n_text, convention=convention)
+    scorers = stored_scorers(config) if own is not None and list(ratios) == own else None
+    est = estimate(shape, list(ratios), workload.n_vision, workload.n_text, convention=convention, scorers=scorers)
     other_convention = next(c for c in CONVENTIONS if c != convention)
     try:
-        alt = estimate(shape, list(ratios), workload.n_vision, workload.n_text, convention=other_convention)
+        alt = estimate(shape, list(ratios), workload.n_vision, workload.n_text, convention=other_convention,
+                       scorers=scorers)
         other = {"convention": other_convention, "flops_ratio": alt.flops_ratio, "kv_ratio": alt.kv_ratio}
     except RecipeError:  # e.g. no vocab_size for the paper convention
         other = None

@@ -247,6 +247,19 @@ def linear_flops(shape: TextShape, n_tokens: int) -> int:
     return 2 * n_tokens * (h * q * d + 2 * h * kv * d + q * d * h + mlp)
 
 
+def scorer_flops(shape: TextShape, n_vision: int, n_text: int, *, paper: bool = False) -> int:
+    """Extra FLOPs of the attention scorer (``mod.scoring.own_attention_scores``) in one MoD layer for one prompt.
+
+    ``k_proj`` for every vision token (``2 * h * kv * d`` each; text tokens need their keys in the layer anyway),
+    ``q_proj`` again for the text queries (``2 * h * q * d`` each, all ``n_text`` counted) and one score per
+    (query, key) pair (``2 * q * d``, ``n_text * (n_vision + n_text)`` pairs at most). With ``paper`` (the
+    p-MoD count, linears only) the pair term is left out, as it is for the layers.
+    """
+    h, q, kv, d = shape.hidden, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    linears = 2 * n_vision * h * kv * d + 2 * n_text * h * q * d
+    return linears if paper else linears + 2 * n_text * (n_vision + n_text) * q * d
+
+
 def attention_pairs(n_query: int, n_ctx: int, *, causal: bool) -> int:
     """(query, key) pairs attended. Causal: the queries are the LAST ``n_query`` positions of a
     context of ``n_ctx`` keys (which includes them), so query ``j`` sees ``n_ctx - n_query + j + 1``
@@ -385,6 +398,7 @@ def estimate(
     bytes_per_element: int | float = 2,
     vision_flops: float | Sequence[float] = 0.0,
     convention: str = "exact",
+    scorers: Sequence[str | None] | None = None,
 ) -> Estimate:
     """Dense vs MoD prefill FLOPs, KV-cache bytes and (``new_tokens`` > 0) decode FLOPs.
 
@@ -403,6 +417,10 @@ def estimate(
     FLOPs per prompt position) is added to both totals as ``head_flops``, and the KV cache holds only the vision
     tokens (text tokens cached by every layer are left out of both sides). Prefill only (``new_tokens`` must be
     0). Raises ``RecipeError`` for an unknown convention, or ``"paper"`` without ``shape.vocab``.
+
+    ``scorers``: per layer, ``"attention"`` for an MoD layer that ranks by its own attention (its extra cost,
+    ``scorer_flops``, is added to the MoD side; skipped when the layer keeps every vision token), else
+    ``"router"`` / None (the router's ``Linear(hidden, 1)`` is not counted: ``2 * hidden`` FLOPs per token).
     """
     if convention not in CONVENTIONS:
         raise RecipeError(f"unknown cost convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
@@ -444,6 +462,9 @@ def estimate(
     if sum(vis) + sum(txt) == 0:
         raise RecipeError("there are no tokens to estimate (n_vision and n_text are all 0)")
 
+    scorers = list(scorers) if scorers is not None else [None] * len(ratios)
+    if len(scorers) != len(ratios):
+        raise RecipeError(f"got {len(scorers)} scorers for {len(ratios)} layers")
     rows: list[LayerRow] = []
     for i, r in enumerate(ratios):
         row = LayerRow(i, None if r is None else float(r), 0, 0, 0, 0, 0, 0, 0)
@@ -459,6 +480,8 @@ def estimate(
             else:
                 row.dense_flops += layer_cost(shape, n_dense, n_dense, causal=True)
                 row.mod_flops += layer_cost(shape, n_mod, n_mod, causal=True)
+            if r is not None and scorers[i] == "attention" and kept_count(float(r), nv) < nv:
+                row.mod_flops += scorer_flops(shape, nv, nt, paper=paper)
             row.dense_decode_flops += _decode_flops(shape, n_dense, new_tokens)
             row.mod_decode_flops += _decode_flops(shape, n_mod, new_tokens)
         for name in ("prefill_tokens", "cached_tokens", "dense_tokens", "dense_flops", "mod_flops",

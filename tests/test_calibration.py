@@ -266,3 +266,34 @@ def test_vision_tower_budget_and_bad_input(small, tmp_path):
         (tmp_path / "sidecar" / f.name).write_bytes(f.read_bytes())
     with pytest.raises(CheckpointError, match="sidecar"):
         calibrate(tmp_path / "sidecar", data, images, target_flops=0.8, progress=False)
+
+
+def test_the_search_keeps_the_candidate_closest_to_dense_and_saves_exactly_it(small, tmp_path):
+    ckpt, data, images = small
+    result = calibrate(ckpt, data, images, out=tmp_path / "auto", target_flops=0.7, samples=16, seed=0,
+                       progress=False)
+    search = result.report["search"]["candidates"]
+    assert {(c["schedule"], c["scorer"]) for c in search} == {
+        (k, s) for k in ("shiftedcos", "shiftedlinear", "constant") for s in ("router", "attention")}
+    measured = [c for c in search if c["ratios"] is not None]
+    assert all(c["validation_kl"] is not None for c in measured)
+    chosen = [c for c in measured if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["validation_kl"] == min(c["validation_kl"] for c in measured)
+    config = read_config(tmp_path / "auto")["pmod"]
+    assert config["layer_ratios"] == chosen[0]["ratios"] == result.ratios
+    expected = None if chosen[0]["scorer"] == "router" else [None if r is None else "attention" for r in result.ratios]
+    assert config.get("scorer") == expected
+    # an explicit scorer and schedule: one candidate, its cost in the budget, the scorer in config.json
+    one = calibrate(ckpt, data, images, out=tmp_path / "att", target_flops=0.7, samples=16, seed=0,
+                    schedule="shiftedcos", scorer="attention", progress=False)
+    assert [(c["schedule"], c["scorer"]) for c in one.report["search"]["candidates"]] == [("shiftedcos", "attention")]
+    assert abs(one.report["budget"]["achieved"] - 0.7) <= 0.01
+    saved = read_config(tmp_path / "att")["pmod"]
+    assert saved["scorer"] == [None if r is None else "attention" for r in saved["layer_ratios"]]
+    assert all(row["scorer"] in (None, "attention") for row in one.report["layers"])
+    model = load_pretrained(tmp_path / "att")
+    from pmod_convert.mod.router import layer_scorers
+
+    assert layer_scorers(model.model.language_model.layers) == saved["scorer"]
+    with pytest.raises(RecipeError, match="--scorer"):
+        calibrate(ckpt, data, images, out=tmp_path / "bad", target_flops=0.7, scorer="oracle", progress=False)

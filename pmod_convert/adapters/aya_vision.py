@@ -50,6 +50,10 @@ class AyaVisionAdapter(ArchitectureAdapter):
     tiny_rows = (dict(images_per_row=[1], text_lengths=[12]), dict(images_per_row=[2], text_lengths=[5]))
     tiny_varied = {"images_per_row": [1, 2]}  # fixed-size images: rows differ in their number of images
 
+    def attention_rope(self, layer):
+        """Cohere 2 applies rotary embeddings in its sliding-window layers only; the global layers have none."""
+        return getattr(layer.self_attn, "sliding_window", None) is not None
+
     def typical_image(self, config):
         """``TYPICAL_TILES`` crops of ``image_size`` px, ``(image_size/patch/downsample)^2`` tokens each (169 for
         SigLIP 364/14, downsample 2)."""

@@ -43,6 +43,8 @@ class ArchitectureAdapter:
     projector:          module path (name suffix) of the vision-language projector (``--train-projector``).
     mlp_branch:         child of the decoder layer whose output is the MLP branch added to the residual
                         (STRing scales it): ``mlp``, or the norm after it in sandwich-norm layers (Gemma 2/3).
+    input_norm:         child of the decoder layer that normalises the attention's input (the attention scorer,
+                        ``mod.scoring.own_attention_scores``, runs it).
     lora_per_layer:     linears per decoder layer that ``lora_target_regex`` matches (7; 4 in sparse-MoE layers,
                         whose experts are fused parameters, not linears).
     nested_images:      the processor takes one list of images per text (Idefics3 / SmolVLM).
@@ -66,6 +68,7 @@ class ArchitectureAdapter:
     never_quantize: ClassVar[tuple[str, ...]] = ("vision_tower", "multi_modal_projector", "lm_head", "pmod_router")
     projector: ClassVar[str] = "multi_modal_projector"
     mlp_branch: ClassVar[str] = "mlp"
+    input_norm: ClassVar[str] = "input_layernorm"
     lora_per_layer: ClassVar[int] = 7
     lora_proj: ClassVar[str] = LANG_PROJ
     nested_images: ClassVar[bool] = False
@@ -94,6 +97,11 @@ class ArchitectureAdapter:
     def string_branch(self, config: Any) -> str:
         """The decoder layer's child whose output is the MLP branch STRing scales (``mlp_branch`` by default)."""
         return self.mlp_branch
+
+    def attention_rope(self, layer: nn.Module) -> bool:
+        """Whether ``layer``'s attention applies rotary embeddings to its queries and keys (the attention scorer
+        does as the layer does); True unless a family has layers without (Cohere 2's global layers)."""
+        return True
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The multimodal base model: ``model.model`` of the ``*ForConditionalGeneration`` class (peft wrappers

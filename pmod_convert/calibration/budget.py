@@ -49,10 +49,12 @@ class Workload:
     n_text: list[int]
     vision_flops: list[float] | float = 0.0  # per sample, added to dense and MoD alike (0: decoder only)
     convention: str = "exact"  # efficiency.CONVENTIONS: "paper" budgets in the p-MoD paper's count
+    scorer: str = "router"  # "attention": every MoD layer pays efficiency.scorer_flops
 
     def estimate(self, ratios: Sequence[float | None]) -> Estimate:
+        scorers = [None if r is None else self.scorer for r in ratios]
         return estimate(self.shape, list(ratios), self.n_vision, self.n_text, vision_flops=self.vision_flops,
-                        convention=self.convention)
+                        convention=self.convention, scorers=scorers)
 
     def metric(self, ratios: Sequence[float | None], metric: str) -> float:
         est = self.estimate(ratios)
@@ -132,12 +134,13 @@ def _bisect(f: Callable[[float], float], lo: float, hi: float, target: float) ->
 def solve_budget(workload: Workload, *, target_flops: float | None = None, target_kv: float | None = None,
                  kind: str = "shiftedcos", max_ratio: float = prd.DEFAULT_MAX_RATIO,
                  min_ratio: float = prd.DEFAULT_MIN_RATIO, curve: Sequence[float] | None = None,
-                 order: Sequence[int] | None = None, tolerance: float = 0.01) -> BudgetSolution:
+                 order: Sequence[int] | None = None, tolerance: float = 0.01, dense_first: int = 0) -> BudgetSolution:
     """The schedule of family ``kind`` whose cost on ``workload`` is within ``tolerance`` of the target.
 
     ``curve`` / ``order``: a measured curve and a position -> layer order (see the module docstring);
-    when either is given the result is an explicit schedule. A budget outside the reachable range raises
-    ``BudgetError`` naming the range.
+    when either is given the result is an explicit schedule. ``dense_first``: the first layers that stay dense
+    whatever the curve says (the schedule's ``layers`` then lists the others). A budget outside the reachable
+    range raises ``BudgetError`` naming the range.
     """
     if (target_flops is None) == (target_kv is None):
         raise RecipeError("give exactly one budget: target_flops (--target-flops R) or target_kv (--target-kv R)")
@@ -158,6 +161,10 @@ def solve_budget(workload: Workload, *, target_flops: float | None = None, targe
     if curve is not None and len(curve) != num_layers:
         raise RecipeError(f"curve has {len(curve)} values for {num_layers} layers")
 
+    if not isinstance(dense_first, int) or not 0 <= dense_first < num_layers:
+        raise RecipeError(f"dense_first must be in 0..{num_layers - 1}, got {dense_first!r}")
+    routed = list(range(dense_first, num_layers)) if dense_first else None
+
     if kind == "constant":
         if curve is not None or order is not None:
             raise RecipeError("a constant schedule keeps the same ratio in every layer: it has no curve or layer order "
@@ -165,20 +172,23 @@ def solve_budget(workload: Workload, *, target_flops: float | None = None, targe
         parameter, lo, hi = "ratio", float(min_ratio), 1.0
 
         def ratios_at(x: float) -> list[float | None]:
-            return [min(1.0, max(x, min_ratio))] * num_layers
+            return [min(1.0, max(x, min_ratio)) if i >= dense_first else None for i in range(num_layers)]
 
-        positions = list(range(num_layers))
+        positions = list(range(dense_first, num_layers))
         described = f"constant schedule (ratio in [{min_ratio:g}, 1])"
     else:
         parameter, (lo, hi) = "avg_ratio", SHIFT_RANGE
         base = list(curve) if curve is not None else family_curve(kind, num_layers)
 
         def ratios_at(x: float) -> list[float | None]:
-            return curve_ratios(base, x, max_ratio=max_ratio, min_ratio=min_ratio, order=order)
+            out = curve_ratios(base, x, max_ratio=max_ratio, min_ratio=min_ratio, order=order)
+            return [None if i < dense_first else r for i, r in enumerate(out)]
 
-        positions = list(order) if order is not None else list(range(num_layers))
+        positions = [i for i in (list(order) if order is not None else range(num_layers)) if i >= dense_first]
         described = (f"{'measured' if curve is not None else kind} schedule (max_ratio {max_ratio:g}, "
                      f"min_ratio {min_ratio:g}, avg_ratio in [0, 1])")
+    if dense_first:
+        described += f" with layers 0-{dense_first - 1} dense"
 
     def f(x: float) -> float:
         return workload.metric(ratios_at(x), metric)
@@ -212,9 +222,11 @@ def solve_budget(workload: Workload, *, target_flops: float | None = None, targe
     if filled or curve is not None or order is not None:
         settings = ScheduleSettings(kind="explicit", max_ratio=max_ratio, min_ratio=min_ratio, ratios=list(ratios))
     elif kind == "constant":
-        settings = ScheduleSettings(kind="constant", max_ratio=max_ratio, min_ratio=min_ratio, ratio=ratios[0])
+        settings = ScheduleSettings(kind="constant", max_ratio=max_ratio, min_ratio=min_ratio,
+                                    ratio=ratios[dense_first], layers=routed)
     else:
-        settings = ScheduleSettings(kind=kind, avg_ratio=value, max_ratio=max_ratio, min_ratio=min_ratio)
+        settings = ScheduleSettings(kind=kind, avg_ratio=value, max_ratio=max_ratio, min_ratio=min_ratio,
+                                    layers=routed)
     if settings.layer_ratios(num_layers) != ratios:  # the recipe must reproduce what was costed
         raise AssertionError("schedule settings do not reproduce the solved ratios")
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,11 +29,13 @@ from .. import __version__
 from ..adapters import get_adapter
 from ..api import add_pruning, add_routers, load_dense, save_pretrained
 from ..checkpoint import atomic_folder, check_replaceable, read_config, require_safetensors, update_in_place
-from ..data import DataError, SampleEncoder, model_inputs, read_samples
+from ..data import DataError, SampleEncoder, model_inputs, read_samples, routed_model_inputs
 from ..devices import resolve_device, to_device
 from ..efficiency import CONVENTIONS, TextShape, vision_tower_flops_for_tokens
 from ..errors import CheckpointError, RecipeError
 from ..mod import schedule as prd
+from ..mod.layer import MoDLayerMixin
+from ..mod.router import set_layer_scorers
 from ..recipe import Recipe, RouterSettings, ScheduleSettings
 from ..sidecar import SIDECAR_DIR
 from ..mod.scoring import METHODS
@@ -67,8 +70,8 @@ class CalibrationResult:
 
 def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path | None = None, *,
               out: str | Path | None = None, target_flops: float | None = None, target_kv: float | None = None,
-              schedule: str = "shiftedcos", layer_selection: str = "prd", shape: str = "cosine",
-              warm_start: bool = True, samples: int = 64, holdout: float = 0.25, seed: int = 0,
+              schedule: str = "auto", layer_selection: str = "prd", shape: str = "cosine", scorer: str = "auto",
+              warm_start: bool = True, samples: int = 128, holdout: float = 0.25, seed: int = 0,
               include_vision_tower: bool = False, skip_bad_rows: bool = False, overwrite: bool = False,
               max_ratio: float | None = None, min_ratio: float | None = None, profile: str = "arank",
               tolerance: float = 0.01, rank_rows: int = 64, rank_rtol: float = 1e-3, logit_std: float = 0.1,
@@ -82,6 +85,14 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     schedule meets ``target_flops`` (decoder FLOPs ratio MoD / dense; with ``include_vision_tower`` the
     tower is added to both) or ``target_kv`` (KV-cache ratio) within ``tolerance`` on the calibration
     data's token counts, plus ``calibration_report.json`` and PNG plots.
+
+    ``schedule``: a family of ``budget.FAMILIES``, or ``"auto"`` (the default): every schedule of
+    ``SCHEDULE_SEARCH`` (with ``min_ratio``, when given, replacing theirs) is fitted to the budget and the one whose
+    model agrees best with the dense model on the held-out rows is kept. ``scorer``: how MoD layers rank vision
+    tokens: ``"router"`` (the linear routers, warm-started), ``"attention"`` (each layer's own text-to-vision
+    attention, :func:`pmod_convert.mod.scoring.own_attention_scores`; its cost is counted in the budget) or
+    ``"auto"`` (the default: both, chosen on the held-out rows with the schedule). The report's ``search`` section lists
+    every candidate's ratios, FLOPs and validation KL.
 
     ``layer_selection``: ``"prd"`` (the schedule's own depth rule) or ``"arank"`` (the lowest-ARank layers
     become MoD layers and get the lowest ratios). ``shape``: ``"cosine"`` (the family's curve) or
@@ -122,6 +133,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     if method == "pmod" and (fastv_k is not None or pdrop_stages is not None):
         raise RecipeError("--fastv-k / --pdrop-stages apply to --method fastv / pdrop only")
     _check_options(schedule, layer_selection, shape, profile, samples, holdout, seed)
+    if scorer not in SCORER_CHOICES:
+        raise RecipeError(f"--scorer must be one of {', '.join(SCORER_CHOICES)}, got {scorer!r}")
     device = resolve_device(device) if device is not None else None
     if (target_flops is None) == (target_kv is None):
         raise RecipeError("give exactly one budget: --target-flops R (decoder FLOPs MoD / dense) or --target-kv R "
@@ -143,6 +156,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     if not in_place:
         check_replaceable(dest, protect=(checkpoint,))
     router = _router_settings(config)
+    min_ratio_given = min_ratio is not None
     max_ratio = prd.DEFAULT_MAX_RATIO if max_ratio is None else float(max_ratio)
     min_ratio = prd.DEFAULT_MIN_RATIO if min_ratio is None else float(min_ratio)
     text_shape = TextShape.from_config(config)
@@ -170,16 +184,16 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     n_val = round(VALIDATION_SHARE * len(fit)) if warm_start and len(fit) >= 4 else 0
     val, train = fit[:n_val], set(fit[n_val:])
     workload = _workload(items, vision_ids, text_shape, config if include_vision_tower else None, convention)
-    budget_args = dict(target_flops=target_flops, target_kv=target_kv, kind=schedule, max_ratio=max_ratio,
-                       min_ratio=min_ratio, tolerance=tolerance)
+    budget_args = dict(target_flops=target_flops, target_kv=target_kv, max_ratio=max_ratio, tolerance=tolerance)
+    searched = _search_space(schedule, scorer, min_ratio, min_ratio_given, shape, layer_selection, adapter, config)
 
     # 2. a budget that needs no measurement fails here, before the model is loaded
-    early: BudgetSolution | None = None
-    if shape == "cosine":
-        early = solve_budget(workload, **budget_args)
     fit_layers = None
-    if early is not None and layer_selection == "prd":
-        fit_layers = {i for i, r in enumerate(early.ratios) if r is not None}
+    if shape == "cosine":
+        _solve_all(searched, workload, budget_args)
+        if layer_selection == "prd":
+            fit_layers = {i for c in searched if c.solution is not None and c.scorer == "router"
+                          for i, r in enumerate(c.solution.ratios) if r is not None}
 
     # 3. measurements on the fit split
     model = load_dense(checkpoint, dtype=dtype, attn_implementation="eager", allow_pickle=allow_pickle)
@@ -201,7 +215,7 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     val_refs = _references(model, items, val, vision_ids, run_device, progress, "dense reference (validation)")
     references = _references(model, items, held, vision_ids, run_device, progress, "dense reference (held-out)")
 
-    # 5. schedule and routers
+    # 5. schedules (each search candidate fitted to the budget)
     profile_values = _profile(metrics, profile) if (shape == "measured" or layer_selection == "arank") else None
     order = None
     if layer_selection == "arank":
@@ -210,31 +224,63 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     curve = None
     if shape == "measured":
         curve = measured_curve(profile_values, order if order is not None else list(range(num_layers)))
-    solution = solve_budget(workload, curve=curve, order=order, **budget_args)
-    mod_layers = [i for i, r in enumerate(solution.ratios) if r is not None]
-    candidates = {t: {i: fitter.solve(i, t) for i in mod_layers} for t in router_targets} if fitter else {}
-    if candidates:
-        candidates.update(order_candidates(candidates[router_targets[0]], hidden, logit_std))
+    if shape == "measured" or layer_selection == "arank":
+        _solve_all(searched, workload, dict(budget_args, curve=curve, order=order))
 
-    # 6. convert, choose routers on validation, compare on held-out, write
+    # 6. convert every layer any candidate routes; per candidate choose routers (or the attention scorer) on
+    # validation; keep the candidate closest to the dense model; rebuild it alone; compare on held-out; write
+    union = sorted({i for c in searched if c.solution is not None for i, r in enumerate(c.solution.ratios)
+                    if r is not None})
+    superset = [0.5 if i in union else None for i in range(num_layers)]
+    add_routers(model, Recipe(router=router, schedule=ScheduleSettings(kind="explicit", ratios=superset),
+                              dtype=dtype or "auto").validate())
+    layers = adapter.decoder_layers(model)
+    for c in searched:
+        if c.solution is None:
+            continue
+        _apply_candidate(layers, c, {}, adapter)
+        mod_layers = [i for i, r in enumerate(c.solution.ratios) if r is not None]
+        if c.scorer == "router":
+            candidates = {t: {i: fitter.solve(i, t) for i in mod_layers} for t in router_targets} if fitter else {}
+            if candidates:
+                candidates.update(order_candidates(candidates[router_targets[0]], hidden, logit_std))
+            c.fits, c.choices = _choose_routers(model, layers, items, mod_layers, candidates, val_refs, run_device,
+                                                progress)
+            _apply_candidate(layers, c, c.fits, adapter)
+        # The candidates are compared on the held-out rows, not on the validation rows their routers were chosen
+        # on (a router chosen among many on a few rows looks better there than it is).
+        if references or val_refs:
+            c.validation = _agreement(model, items, references or val_refs, run_device, False, "")
+            c.validation_kl = _selection_kl(c.validation)
+    chosen = min((c for c in searched if c.solution is not None),
+                 key=lambda c: (c.validation_kl if c.validation_kl is not None else 0.0))
+    chosen.chosen = True
+    solution, fits, choices = chosen.solution, chosen.fits, chosen.choices
+    del model  # rebuilt with the chosen schedule's MoD layers only (the search converted their union)
+    model = load_dense(checkpoint, dtype=dtype, allow_pickle=allow_pickle)
+    if device is not None:
+        model.to(device)
     recipe = Recipe(router=router, schedule=solution.settings, dtype=dtype or "auto").validate()
     add_routers(model, recipe)
     layers = adapter.decoder_layers(model)
-    fits, choices = _choose_routers(model, layers, items, mod_layers, candidates, val_refs, run_device, progress)
+    _apply_candidate(layers, chosen, {}, adapter)
     agreement = {}
     if references:
         set_routers(layers, None)
+        set_layer_scorers(layers, None)
         agreement["zero_routers"] = _agreement(model, items, references, run_device, progress, "zero routers")
-        if warm_start:
-            set_routers(layers, fits)
+        if warm_start or chosen.scorer != "router":
+            _apply_candidate(layers, chosen, fits, adapter)
             agreement["warm_start"] = _agreement(model, items, references, run_device, progress, "warm start")
-    set_routers(layers, fits if warm_start else None)  # save_pretrained records the routers' position priors
+    # save_pretrained records the routers' position priors and scorers
+    _apply_candidate(layers, chosen, fits if warm_start else {}, adapter)
 
     report = clean(_report(
         checkpoint=checkpoint, data=data, ids=ids, fit=fit, held=held, skipped=dataset.skipped + skipped,
         workload=workload, solution=solution, metrics=metrics, profile_values=profile_values, order=order,
         fits=fits, choices=choices, val=val, agreement=agreement, seed=seed, tolerance=tolerance, router=router,
-        options=dict(schedule=schedule, layer_selection=layer_selection, shape=shape, profile=profile,
+        searched=searched,
+        options=dict(schedule=schedule, scorer=scorer, layer_selection=layer_selection, shape=shape, profile=profile,
                      warm_start=warm_start, include_vision_tower=include_vision_tower, max_ratio=max_ratio,
                      min_ratio=min_ratio, samples=samples, holdout=holdout, rank_rows=rank_rows,
                      rank_rtol=rank_rtol, logit_std=logit_std, router_targets=list(router_targets))))
@@ -340,6 +386,96 @@ def _workload(items: list[dict], vision_ids: list[int], shape: TextShape, tower_
     return Workload(shape, n_vision, n_text, vision_flops, convention)
 
 
+SCORER_CHOICES = ("auto", "router", "attention")
+# What ``schedule="auto"`` tries: (family, min_ratio or None for --min-ratio / the default, first layers dense
+# whatever the curve says). Measured on the
+# accuracy benchmark's zoo models at 0.55 decoder FLOPs (test accuracy, zero routers / fitted routers): no one
+# shape wins everywhere: shiftedcos 0.15 is best on object s1 (90.5) and worst on oddone s4 (65.0), where
+# shiftedcos 0.3 gives 86.3 and a constant 0.5 85.5; shiftedlinear is best on oddone s1 (95.3).
+SCHEDULE_SEARCH = (("shiftedcos", None, False), ("shiftedlinear", None, False), ("shiftedcos", 0.3, False),
+                   ("shiftedcos", None, True), ("constant", None, True))
+
+
+def dense_first_layers(num_layers: int) -> int:
+    """How many first layers the "first layers dense" candidates of the search keep dense: an eighth of the
+    depth, at least one (4 of 32 layers; FastV prunes after layer 2, PyramidDrop after layer 8 of 32)."""
+    return max(1, num_layers // 8)
+
+
+@dataclass
+class Candidate:
+    """One schedule x scorer of the calibration search and what was measured for it."""
+
+    kind: str
+    min_ratio: float
+    scorer: str  # "router" | "attention"
+    dense_first: int = 0  # the first layers kept dense whatever the curve says
+    solution: BudgetSolution | None = None
+    error: str | None = None  # why the budget could not be met with this schedule
+    fits: dict = field(default_factory=dict)
+    choices: list = field(default_factory=list)
+    validation: dict | None = None
+    validation_kl: float | None = None
+    chosen: bool = False
+
+    def to_dict(self) -> dict:
+        sol = self.solution
+        return {"schedule": self.kind, "min_ratio": self.min_ratio, "dense_first": self.dense_first,
+                "scorer": self.scorer,
+                "ratios": None if sol is None else sol.ratios,
+                "achieved": None if sol is None else sol.achieved, "error": self.error,
+                "validation_kl": self.validation_kl, "validation": self.validation, "chosen": self.chosen,
+                "routers": {str(i): f.target for i, f in self.fits.items()} if self.fits else None}
+
+
+def _search_space(schedule: str, scorer: str, min_ratio: float, min_ratio_given: bool, shape: str,
+                  layer_selection: str, adapter, config: dict) -> list[Candidate]:
+    """The candidates of the calibration search (see ``calibrate``'s ``schedule`` / ``scorer``)."""
+    num_layers = TextShape.from_config(config).num_layers
+    if schedule == "auto":
+        shapes = [(kind, min_ratio if (min_ratio_given or m is None) else m,
+                   dense_first_layers(num_layers) if first else 0) for kind, m, first in SCHEDULE_SEARCH]
+        if shape != "cosine" or layer_selection != "prd":  # only the curve itself: no constant, no forced layers
+            shapes = [(kind, m, 0) for kind, m, first in shapes if kind != "constant" and not first]
+        shapes = list(dict.fromkeys(shapes))
+    else:
+        shapes = [(schedule, min_ratio, 0)]
+    scorers = ["router", "attention"] if scorer == "auto" else [scorer]
+    return [Candidate(kind, m, s, first) for s in scorers for kind, m, first in shapes]
+
+
+def _solve_all(searched: list[Candidate], workload: Workload, budget_args: dict) -> None:
+    """Fit every candidate's schedule to the budget; raise the first error when none can meet it."""
+    first: RecipeError | None = None
+    for c in searched:
+        try:
+            c.solution = solve_budget(dataclasses.replace(workload, scorer=c.scorer), kind=c.kind,
+                                      min_ratio=c.min_ratio, dense_first=c.dense_first, **budget_args)
+        except RecipeError as exc:
+            c.solution, c.error = None, str(exc)
+            first = first or exc
+    if all(c.solution is None for c in searched):
+        raise first
+
+
+def _apply_candidate(layers, candidate: Candidate, fits: dict, adapter) -> None:
+    """Set the converted ``layers`` to ``candidate``: its ratios (1.0 on converted layers it keeps dense, with a
+    zero router that is exactly the dense layer), routers ``fits`` (absent: zero) and scorers."""
+    ratios = candidate.solution.ratios
+    for index, layer in enumerate(layers):
+        if isinstance(layer, MoDLayerMixin):
+            layer.pmod_ratio = 1.0 if ratios[index] is None else float(ratios[index])
+    set_routers(layers, fits)
+    set_layer_scorers(layers, [None if r is None else candidate.scorer for r in ratios],
+                      norm_name=adapter.input_norm, rope=adapter.attention_rope)
+
+
+def _selection_kl(result: dict) -> float:
+    """What the search minimises: KL to the dense model at answer positions, or at every text position after
+    the image when the validation rows hold fewer than ``MIN_ANSWER_POSITIONS`` answer tokens."""
+    return result["answer_kl"] if result["answer_positions"] >= MIN_ANSWER_POSITIONS else result["kl"]
+
+
 def _choose_routers(model, layers, items, mod_layers, candidates, val_refs, device, progress):
     """Per MoD layer a fitted router, an order-prior router or the zero router, chosen on the validation
     references by KL to the dense model at answer positions (at every text position after the first vision
@@ -356,9 +492,8 @@ def _choose_routers(model, layers, items, mod_layers, candidates, val_refs, devi
     def validation_kl(trial: dict[int, RouterFit]) -> float:
         set_routers(layers, trial)
         bar.update(1)
-        result = _agreement(model, items, val_refs, device, False, "")
         # Answer positions decide (what a user's accuracy depends on); with too few of them, every text position.
-        return result["answer_kl"] if result["answer_positions"] >= MIN_ANSWER_POSITIONS else result["kl"]
+        return _selection_kl(_agreement(model, items, val_refs, device, False, ""))
 
     try:
         return select_routers(mod_layers, candidates, validation_kl)
@@ -368,8 +503,8 @@ def _choose_routers(model, layers, items, mod_layers, candidates, val_refs, devi
 
 def _check_options(schedule: str, layer_selection: str, shape: str, profile: str, samples: int, holdout: float,
                    seed: int) -> None:
-    if schedule not in FAMILIES:
-        raise RecipeError(f"--schedule must be one of {', '.join(FAMILIES)} for calibration, got {schedule!r}")
+    if schedule != "auto" and schedule not in FAMILIES:
+        raise RecipeError(f"--schedule must be auto or one of {', '.join(FAMILIES)} for calibration, got {schedule!r}")
     if layer_selection not in LAYER_SELECTIONS:
         raise RecipeError(f"--layer-selection must be one of {', '.join(LAYER_SELECTIONS)}, got {layer_selection!r}")
     if shape not in SHAPES:
@@ -446,7 +581,7 @@ def _agreement(model, items, references, device, progress: bool, label: str) -> 
     with torch.no_grad():
         for i, positions, answer, reference in tqdm(references, desc=f"held-out: {label}", disable=not progress,
                                                     leave=False):
-            logits = model(**to_device(model_inputs(items[i]), device), use_cache=False).logits[0]
+            logits = model(**to_device(routed_model_inputs(items[i]), device), use_cache=False).logits[0]
             meter.add(reference, logits[positions].float().cpu(), answer)
     return meter.result().to_dict()
 
@@ -466,8 +601,11 @@ def _profile(metrics: list[LayerMetrics], profile: str) -> list[float]:
 
 
 def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, solution: BudgetSolution, metrics,
-            profile_values, order, fits, choices, val, agreement, seed, tolerance, router, options) -> dict:
+            profile_values, order, fits, choices, val, agreement, seed, tolerance, router, options,
+            searched=()) -> dict:
     est = solution.estimate
+    chosen = next((c for c in searched if c.chosen), None)
+    scorer = chosen.scorer if chosen is not None else "router"
     position = {layer: pos for pos, layer in enumerate(order)} if order is not None else None
     choice = {c["layer"]: c for c in choices}
     layers = []
@@ -486,6 +624,7 @@ def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, so
             "vision_tokens": sum(workload.n_vision),
             "dense_flops": row.dense_flops, "mod_flops": row.mod_flops,
             "dense_kv_bytes": row.dense_kv_bytes, "mod_kv_bytes": row.mod_kv_bytes,
+            "scorer": None if solution.ratios[m.layer] is None else scorer,
             "router": None if solution.ratios[m.layer] is None or not options["warm_start"] else {
                 "choice": router_fit.target if router_fit is not None else "zero",
                 "position_prior": 0.0 if router_fit is None else router_fit.prior,
@@ -518,6 +657,10 @@ def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, so
                    "sweep": solution.sweep},
         "estimate": _estimate_dict(est),
         "schedule": asdict(solution.settings),
+        "search": {"chosen_by": "KL(dense || MoD) on the held-out rows (the validation rows without any) at answer "
+                                f"positions (every text position after the image below {MIN_ANSWER_POSITIONS} answer "
+                                "tokens); each candidate's routers were chosen on the validation rows",
+                   "candidates": [c.to_dict() for c in searched]},
         "layer_ratios": solution.ratios,
         "router": asdict(router),
         "layers": layers,

@@ -24,7 +24,12 @@ def calibrate_cmd(
         "--target-flops", help="Budget: decoder FLOPs of the MoD model / dense model, e.g. 0.6.")] = None,
     target_kv: Annotated[Optional[float], typer.Option(
         "--target-kv", help="Budget: KV-cache size of the MoD model / dense model, e.g. 0.55.")] = None,
-    schedule: Annotated[str, typer.Option("--schedule", help="shiftedcos | shiftedlinear | constant.")] = "shiftedcos",
+    schedule: Annotated[str, typer.Option("--schedule", help=(
+        "auto (try several schedule shapes, keep the one closest to dense on validation) | shiftedcos | "
+        "shiftedlinear | constant."))] = "auto",
+    scorer: Annotated[str, typer.Option("--scorer", help=(
+        "How MoD layers rank vision tokens: auto (chosen on validation) | router (linear routers) | attention "
+        "(each layer's own text-to-vision attention; its FLOPs are counted in the budget)."))] = "auto",
     layer_selection: Annotated[str, typer.Option(
         "--layer-selection", help="prd: the schedule's depth rule; arank: the lowest-ARank layers become MoD.")] = "prd",
     shape: Annotated[str, typer.Option(
@@ -33,7 +38,7 @@ def calibrate_cmd(
         "--profile", help="Signal for --shape measured: arank | vision_change | text_to_vision.")] = "arank",
     warm_start: Annotated[bool, typer.Option(
         "--warm-start/--no-warm-start", help="Fit the routers on the data (else zero-initialised routers).")] = True,
-    samples: Annotated[int, typer.Option("--samples", help="Calibration samples drawn from the data.")] = 64,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration samples drawn from the data.")] = 128,
     holdout: Annotated[float, typer.Option(
         "--holdout", help="Share of the samples held out to compare warm-started and zero routers.")] = 0.25,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and splitting (same seed, same report).")] = 0,
@@ -65,7 +70,7 @@ def calibrate_cmd(
     from ..calibration import calibrate
 
     result = calibrate(
-        checkpoint, data, image_folder, out=out, target_flops=target_flops, target_kv=target_kv, schedule=schedule,
+        checkpoint, data, image_folder, out=out, target_flops=target_flops, target_kv=target_kv, schedule=schedule, scorer=scorer,
         layer_selection=layer_selection, shape=shape, profile=profile, warm_start=warm_start, samples=samples,
         holdout=holdout, seed=seed, include_vision_tower=include_vision_tower, skip_bad_rows=skip_bad_rows,
         max_ratio=max_ratio, min_ratio=min_ratio, device=device, dtype=dtype, overwrite=overwrite, method=method,

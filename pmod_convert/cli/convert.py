@@ -91,13 +91,15 @@ def inspect_cmd(
     routers = effective_routers(checkpoint)
     ratios = list(pmod["layer_ratios"])
     priors = pmod.get("position_prior") or [None] * len(ratios)
+    scorers = pmod.get("scorer") or [None] * len(ratios)
     rows = []
     for i, r in enumerate(ratios):
         w, b = routers.tensors.get((i, "weight")), routers.tensors.get((i, "bias"))
         rows.append({"layer": i, "kind": "MoD" if r is not None else "dense", "ratio": r,
                      "router_weight_norm": None if w is None else float(w.float().norm()),
                      "router_bias": None if b is None else float(b.float().reshape(-1)[0]),
-                     "position_prior": None if r is None else float(priors[i] or 0.0)})
+                     "position_prior": None if r is None else float(priors[i] or 0.0),
+                     "scorer": None if r is None else (scorers[i] or "router")})
     router = pmod.get("router", {})
     cost = checkpoint_cost(config, checkpoint, vision_tokens=vision_tokens, text_tokens=text_tokens,
                            convention=convention)
@@ -108,10 +110,11 @@ def inspect_cmd(
         return
     table = Table(title=f"{checkpoint} ({pmod.get('family')}, router: TanhNorm alpha={router.get('tanh_alpha')}, "
                         f"beta={router.get('tanh_beta')}, bias={router.get('bias')})")
-    for col in ("layer", "kind", "retention", "router |w|", "router bias", "position prior"):
+    for col in ("layer", "kind", "retention", "ranked by", "router |w|", "router bias", "position prior"):
         table.add_column(col, justify="right")
     for row in rows:
         table.add_row(str(row["layer"]), row["kind"], "1.00" if row["ratio"] is None else f"{row['ratio']:.3f}",
+                      row["scorer"] or "-",
                       "-" if row["router_weight_norm"] is None else f"{row['router_weight_norm']:.4f}",
                       "-" if row["router_bias"] is None else f"{row['router_bias']:+.4f}",
                       "-" if row["position_prior"] is None else f"{row['position_prior']:g}")
@@ -119,6 +122,10 @@ def inspect_cmd(
     if any(row["position_prior"] for row in rows):
         out_console.print("position prior > 0: the router's selection also prefers later vision tokens (a zero "
                           "router with a prior keeps the last k); see docs/baselines.md", highlight=False,
+                          soft_wrap=True)
+    if any(row["scorer"] == "attention" for row in rows):
+        out_console.print("ranked by attention: the layer keeps the vision tokens its own text queries attend to "
+                          "most (its cost is in the estimate below); see docs/baselines.md", highlight=False,
                           soft_wrap=True)
     out_console.print(f"routers: {routers.source}", highlight=False, soft_wrap=True)
     if isinstance(pmod.get("imported_from"), dict):

@@ -55,3 +55,16 @@ def _pad_to(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
 def model_inputs(batch: dict) -> dict:
     """The entries of a batch that the model's ``forward`` / ``generate`` takes."""
     return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+
+
+def routed_model_inputs(batch: dict) -> dict:
+    """``model_inputs`` for an MoD model's teacher-forced forward: with ``labels`` in the batch, also
+    ``pmod_score_query`` (each row's last prompt position, ``mod.context.score_query_positions``), so that the
+    answer tokens never choose which vision tokens an attention-scored layer keeps (at inference the prompt
+    alone chooses). Do not pass it to a dense model."""
+    from ..mod.context import SCORE_QUERY_KWARG, score_query_positions
+
+    inputs = model_inputs(batch)
+    if batch.get("labels") is not None:
+        inputs[SCORE_QUERY_KWARG] = score_query_positions(batch["labels"])
+    return inputs

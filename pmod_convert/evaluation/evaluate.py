@@ -15,6 +15,7 @@ from ..progress import progress as tqdm  # ETA on a terminal, periodic lines whe
 from ..checkpoint import atomic_folder
 from ..data import SampleEncoder, collate, read_samples
 from ..devices import resolve_device, to_device
+from ..costs import stored_scorers
 from ..efficiency import TextShape, estimate
 from ..errors import DataError, RecipeError
 from .scoring import is_correct
@@ -92,7 +93,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, image_folder: str | Path 
     pmod = getattr(config, "pmod", None)
     shape = TextShape.from_config(config)
     ratios = list(pmod["layer_ratios"]) if isinstance(pmod, dict) else [None] * shape.num_layers
-    cost = estimate(shape, ratios, [c[0] for c in counts], [c[1] for c in counts])
+    cost = estimate(shape, ratios, [c[0] for c in counts], [c[1] for c in counts], scorers=stored_scorers(config))
     summary = EvalSummary(
         checkpoint=str(checkpoint), data=str(data), samples=len(records), skipped=skipped,
         accuracy=_mean([r["correct"] for r in records]),

@@ -41,8 +41,10 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from ..api import load_dense, load_pretrained, resolve_dtype
 from ..checkpoint import read_config
 from ..data import SampleEncoder
+from ..mod.context import SCORE_QUERY_KWARG
 from ..data.conversations import IMAGE_MARKER, split_markers
 from ..devices import resolve_device, to_device
+from ..costs import stored_scorers
 from ..efficiency import TextShape, estimate
 from ..errors import DataError, RecipeError
 from ..evaluation.evaluate import generate_batch
@@ -252,6 +254,8 @@ class PmodLMM(lmms):
         for key in ("mm_token_type_ids", "token_type_ids"):  # per-token extras: continuation tokens are text (0)
             if key in inputs:
                 inputs[key] = torch.cat([inputs[key], torch.zeros_like(cont)], dim=1)
+        if self.is_pmod:  # the prompt alone ranks vision tokens (attention-scored layers), as when generating
+            inputs[SCORE_QUERY_KWARG] = prompt_inputs["input_ids"].shape[1] - 1
         start = time.perf_counter()
         with torch.no_grad():
             logits = self._model(**to_device(inputs, self.device)).logits[0].float().cpu()
@@ -295,7 +299,8 @@ class PmodLMM(lmms):
             return None
 
         def one(counts: list[tuple[int, int]]) -> dict[str, Any]:
-            cost = estimate(self._shape, self._ratios, [c[0] for c in counts], [c[1] for c in counts])
+            cost = estimate(self._shape, self._ratios, [c[0] for c in counts], [c[1] for c in counts],
+                            scorers=stored_scorers(self._model.config) if self.is_pmod else None)
             return {"prompts": len(counts), "vision_tokens": sum(c[0] for c in counts),
                     "text_tokens": sum(c[1] for c in counts), "decoder_flops_ratio": cost.decoder_flops_ratio,
                     "kv_ratio": cost.kv_ratio}

@@ -16,7 +16,7 @@ from torch import nn
 VISION_INPUT_KEYS = ("pixel_values", "pixel_values_videos", "pixel_values_images", "mm_encoder_outputs",
                      "image_hidden_states", "image_embeds", "video_embeds")
 VISION_MASK_KWARG = "pmod_vision_mask"
-SCORE_QUERY_KWARG = "pmod_score_query"  # baselines: position of the query token whose attention ranks tokens
+SCORE_QUERY_KWARG = "pmod_score_query"  # last prompt position (int or [batch]) whose attention ranks tokens
 
 
 def _has_value(value) -> bool:
@@ -133,7 +133,7 @@ class RoutingContext:
         score_query = kwargs.pop(SCORE_QUERY_KWARG, None)
         if self.disabled:
             return args, kwargs
-        self.score_query = -1 if score_query is None else int(score_query)
+        self.score_query = _score_query(score_query)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and getattr(cache, "layers", None) is not None:
             # Swap in every MoD cache layer here, eagerly, rather than in each layer's (compiled) forward: the
@@ -257,15 +257,14 @@ class RoutingContext:
         if self.is_target is None:
             return
         batch, seq = self.is_target.shape
-        position = self.score_query if self.score_query >= 0 else seq + self.score_query
-        if not 0 <= position < seq:
-            raise PmodError(f"{SCORE_QUERY_KWARG}={self.score_query} is outside the {seq} tokens of this forward")
         device = query.device
+        end = self.query_end(self.is_target)
+        position = (torch.full((batch,), seq - 1, dtype=torch.long) if end is None else end).to(device)
         if self.key_index is not None:
             index, valid = self.key_index.to(device), self.key_valid.to(device)
-            hit = (index == position) & valid
+            hit = (index == position[:, None]) & valid
             if not bool(hit.any(1).all()) or key.shape[2] != index.shape[1]:
-                raise PmodError(f"scoring layer {module.layer_idx}: the query token (position {position}) is not among "
+                raise PmodError(f"scoring layer {module.layer_idx}: the query token (position {position.tolist()}) is not among "
                                 "its kept tokens, or the keys include cached tokens (baselines score a whole prompt "
                                 "in one forward)")
             query_rows = hit.float().argmax(1)
@@ -273,7 +272,7 @@ class RoutingContext:
             if key.shape[2] != seq:
                 raise PmodError(f"scoring layer {module.layer_idx} saw {key.shape[2]} keys for {seq} tokens: "
                                 "baselines score a whole prompt in one forward (no chunked prefill)")
-            query_rows = torch.full((batch,), position, dtype=torch.long, device=device)
+            query_rows = position
         with torch.no_grad():
             probs = last_query_attention(query, key, attention_mask, scaling, query_rows)  # [b, keys]
         if self.key_index is not None:
@@ -284,6 +283,26 @@ class RoutingContext:
         else:
             scores = probs
         self.scores = scores
+
+    def query_end(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Last prompt position per row ``[batch]`` long from ``pmod_score_query`` (None: not given, every text
+        position after the image is a query of the attention scorer)."""
+        query, (batch, seq) = self.score_query, hidden_states.shape[:2]
+        if isinstance(query, int):
+            if query == -1:
+                return None
+            query = torch.full((batch,), query, dtype=torch.long)
+        query = query.to(hidden_states.device).long().reshape(-1)
+        if query.numel() == 1:
+            query = query.expand(batch)
+        from ..errors import PmodError
+
+        if query.shape[0] != batch:
+            raise PmodError(f"{SCORE_QUERY_KWARG} has {query.shape[0]} entries for a batch of {batch} rows")
+        query = torch.where(query < 0, query + seq, query)
+        if bool(((query < 0) | (query >= seq)).any()):
+            raise PmodError(f"{SCORE_QUERY_KWARG} points outside the {seq} tokens of this forward")
+        return query
 
     def selection_scores(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """Scores ``[batch, seq]`` a baseline MoD layer ranks its targets by (raises if none was recorded)."""
@@ -300,6 +319,26 @@ class RoutingContext:
         if self.disabled or seg is None or seg.shape != hidden_states.shape[:2]:
             return None
         return seg.to(hidden_states.device)
+
+
+def _score_query(value) -> int | torch.Tensor:
+    """``pmod_score_query`` as given: -1 (absent), an int position, or a long tensor ``[batch]`` per row."""
+    if value is None:
+        return -1
+    if isinstance(value, torch.Tensor) and value.numel() > 1:
+        return value.long().reshape(-1)
+    return int(value)
+
+
+def score_query_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Last prompt position per row ``[batch]`` long of teacher-forced rows: the position before the first
+    supervised label of ``labels`` ``[batch, seq]`` (HF alignment: ``labels[t]`` is the token at ``t``), or -1 (the
+    row's last token) for a row without one. Pass it as ``pmod_score_query`` so the answer tokens of a training
+    row never rank the vision tokens its prompt keeps."""
+    supervised = labels != ignore_index
+    first = torch.where(supervised.any(1), supervised.float().argmax(1), torch.zeros_like(supervised[:, 0],
+                                                                                           dtype=torch.long))
+    return torch.where(supervised.any(1), first - 1, torch.full_like(first, -1)).clamp_min(-1)
 
 
 def _validate_model_kwargs(self, model_kwargs: dict) -> None:

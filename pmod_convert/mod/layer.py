@@ -14,7 +14,8 @@ from .cache import mod_cache_layer
 from .context import RoutingContext
 from .router import ROUTER_NAME, TanhNormRouter
 from .routing import Gather, kept_attention_mask, select_tokens
-from .scoring import inner_attention_name
+from ..errors import PmodError
+from .scoring import inner_attention_name, own_attention_scores
 
 
 class MoDLayerMixin:
@@ -31,6 +32,8 @@ class MoDLayerMixin:
     """
 
     pmod_ratio: float
+    pmod_input_norm: str = "input_layernorm"  # the pre-attention norm the attention scorer runs (adapter's name)
+    pmod_scorer_rope: bool = True  # whether the attention scorer applies rotary embeddings (as the layer does)
     _pmod_context: RoutingContext
     _pmod_mlp_out: torch.Tensor | None
     _pmod_capturing: bool
@@ -130,6 +133,16 @@ class MoDLayerMixin:
         if context.method == "pmod":
             logits = router.logits(hidden_states)
             weights = router.token_weights(logits).to(hidden_states.dtype)
+            if router.scorer == "attention" and self.pmod_ratio < 1.0:  # rank by the layer's own attention
+                if cache_layer is not None and cache_layer.get_seq_length():
+                    raise PmodError(f"MoD layer {self.pmod_layer_idx} ranks by its own attention and needs the whole "
+                                    "prompt in one forward (no chunked prefill)")
+                if context.segments_for(hidden_states) is not None:
+                    raise PmodError(f"MoD layer {self.pmod_layer_idx} ranks by its own attention, which is not "
+                                    "defined for packed rows (several samples per row); pad the batch instead")
+                logits = own_attention_scores(self, hidden_states, targets, attention_mask, position_embeddings,
+                                              query_end=context.query_end(hidden_states),
+                                              norm_name=self.pmod_input_norm, rope=self.pmod_scorer_rope)
         else:  # training-free baseline: rank by the scoring layer's attention, no router weighting
             logits, weights = context.selection_scores(self.pmod_layer_idx, hidden_states), None
         with torch.no_grad():
@@ -139,7 +152,8 @@ class MoDLayerMixin:
                 self.pmod_last_counts = (n_targets, n_targets)
             else:
                 segments = context.segments_for(hidden_states)
-                scores = router.selection_scores(logits, targets, segments) if context.method == "pmod" else logits
+                scores = router.selection_scores(logits, targets, segments) if (
+                    context.method == "pmod" and router.scorer == "router") else logits
                 keep = select_tokens(scores, targets, self.pmod_ratio, segments=segments)
                 gather = Gather.from_keep(keep)
                 # Per row: target tokens seen and kept in this call (read by retention reports).

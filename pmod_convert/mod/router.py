@@ -11,6 +11,11 @@ ROUTER_NAME = "pmod_router"  # child-module name inside a decoder layer; checkpo
 class TanhNormRouter(nn.Linear):
     """``Linear(hidden, 1)``, zero-initialised, scoring each token; ``w = alpha * tanh(logit) + beta``.
 
+    ``scorer`` (stored per layer in ``config.json`` ``pmod.scorer``): ``"router"`` ranks by these logits (plus
+    the position prior); ``"attention"`` ranks by the attention the layer's own text queries give each vision
+    token (:func:`pmod_convert.mod.scoring.own_attention_scores`), chosen by calibration where a linear router
+    cannot rank well enough. The TanhNorm weights always come from the logits (1 for a zero router).
+
     With zero weights and bias the weight is exactly ``beta`` (1 by default), so a fresh router leaves
     the model's computation unchanged.
 
@@ -24,6 +29,7 @@ class TanhNormRouter(nn.Linear):
     """
 
     position_prior: float = 0.0
+    scorer: str = "router"  # "attention": top-k ranks by the layer's own text->vision attention (mod.scoring)
 
     def __init__(self, hidden_size: int, *, alpha: float = 0.2, beta: float = 1.0, bias: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -58,7 +64,8 @@ class TanhNormRouter(nn.Linear):
 
     def extra_repr(self) -> str:
         text = f"{nn.Linear.extra_repr(self)}, alpha={self.alpha}, beta={self.beta}"
-        return text + (f", position_prior={self.position_prior}" if self.position_prior else "")
+        text += f", position_prior={self.position_prior}" if self.position_prior else ""
+        return text + (f", scorer={self.scorer}" if self.scorer != "router" else "")
 
 
 def relative_positions(targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,3 +113,41 @@ def set_position_priors(layers, priors) -> None:
         if router is not None:
             router.position_prior = float(prior or 0.0)
 
+
+
+def layer_scorers(layers) -> list[str | None]:
+    """Per-layer ``scorer`` of the routers of ``layers`` (None for a layer without a router), the
+    ``config.json`` ``pmod.scorer`` list."""
+    return [None if getattr(layer, ROUTER_NAME, None) is None else getattr(layer, ROUTER_NAME).scorer
+            for layer in layers]
+
+
+def set_layer_scorers(layers, scorers, *, norm_name: str = "input_layernorm", rope=None) -> None:
+    """Set every MoD layer's ``scorer`` from a per-layer list (None / absent = ``"router"``).
+
+    ``norm_name``: the decoder layer's pre-attention norm (the adapter's ``input_norm``); ``rope``: a callable
+    ``layer -> bool`` telling whether the layer's attention applies rotary embeddings (the adapter's
+    ``attention_rope``; None: every layer does). Raises ``PmodError``
+    for a list without one entry per layer, an unknown scorer, or ``"attention"`` on a layer whose attention the
+    scorer cannot reproduce (:func:`pmod_convert.mod.scoring.attention_scorer_problem`).
+    """
+    from ..errors import PmodError
+    from .scoring import SCORERS, attention_scorer_problem
+
+    scorers = list(scorers) if scorers is not None else [None] * len(layers)
+    if len(scorers) != len(layers):
+        raise PmodError(f"scorer has {len(scorers)} entries for {len(layers)} decoder layers")
+    for index, (layer, scorer) in enumerate(zip(layers, scorers)):
+        router = getattr(layer, ROUTER_NAME, None)
+        if router is None:
+            continue
+        scorer = scorer or "router"
+        if scorer not in SCORERS:
+            raise PmodError(f"layer {index}: unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+        if scorer == "attention":
+            problem = attention_scorer_problem(layer, norm_name)
+            if problem is not None:
+                raise PmodError(f"layer {index} cannot rank vision tokens by its own attention: {problem}")
+            layer.pmod_input_norm = norm_name
+            layer.pmod_scorer_rope = True if rope is None else bool(rope(layer))
+        router.scorer = scorer

@@ -176,3 +176,144 @@ def install_scoring(layer: nn.Module, context) -> None:
 def inner_attention_name(attn: nn.Module) -> str:
     """The attention implementation an attention module really runs (sdpa / eager / ...)."""
     return getattr(attn, "_pmod_inner_attention", None) or attn.config._attn_implementation or "eager"
+
+
+def text_query_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, queries: torch.Tensor,
+                         scaling: float | None) -> torch.Tensor:
+    """Attention each key receives from the ``queries`` rows, mean over heads and those rows: ``[batch, keys]``.
+
+    query ``[batch, heads, seq, dim]`` and key ``[batch, kv_heads, keys, dim]`` (post-RoPE, as an attention
+    kernel receives them); mask: the kernel's 4-D mask (bool: True = attend, or additive float) or None
+    (plain causal); queries: bool ``[batch, seq]``.
+    """
+    b, h, n, d = query.shape
+    keys = key.shape[2]
+    width = max(int(queries.sum(1).max()), 1)
+    order = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :width]  # text query positions first
+    valid = torch.gather(queries, 1, order)  # [b, width]
+    q = torch.gather(query, 2, order[:, None, :, None].expand(b, h, width, d)).float()
+    k = key.float().repeat_interleave(h // key.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) * (scaling if scaling is not None else d ** -0.5)  # [b, h, width, keys]
+    if mask is None or mask.dim() != 4:
+        position = order + (keys - n)  # with a cache, queries are the last n of the keys
+        allowed = torch.arange(keys, device=query.device)[None, None, :] <= position[:, :, None]
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    else:
+        rows = torch.gather(mask.expand(b, mask.shape[1], n, keys), 2,
+                            order[:, None, :, None].expand(b, mask.shape[1], width, keys))
+        scores = scores.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else scores + rows.float()
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0) * valid[:, None, :, None]
+    count = valid.sum(1).clamp_min(1).to(weights.dtype)
+    return weights.sum(dim=(1, 2)) / (count[:, None] * h)
+
+
+# ---- the MoD layer's own attention as a router (``scorer = "attention"``) -----------------------------------
+SCORERS = ("router", "attention")
+
+
+def attention_scorer_problem(layer: nn.Module, norm_name: str = "input_layernorm") -> str | None:
+    """Why ``layer`` cannot rank its vision tokens by its own attention (None when it can).
+
+    The scorer needs a pre-attention norm child ``norm_name``, ``self_attn`` with ``q_proj`` / ``k_proj``
+    linears, ``head_dim`` and ``scaling``, and a module-level ``apply_rotary_pos_emb(q, k, cos, sin)`` in the
+    attention's modeling module (optional ``q_norm`` / ``k_norm`` per head are applied as the model does).
+    """
+    attn = getattr(layer, "self_attn", None)
+    if attn is None:
+        return f"{type(layer).__name__} has no self_attn (not an attention layer)"
+    if not isinstance(getattr(layer, norm_name, None), nn.Module):
+        return f"{type(layer).__name__} has no {norm_name} before its attention"
+    for name in ("q_proj", "k_proj"):
+        if not isinstance(getattr(attn, name, None), nn.Module):
+            return f"{type(attn).__name__} has no {name}"
+    if not isinstance(getattr(attn, "head_dim", None), int):
+        return f"{type(attn).__name__} has no head_dim"
+    if getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None) is None:
+        return f"{type(attn).__module__} has no apply_rotary_pos_emb"
+    return None
+
+
+def scorer_queries(targets: torch.Tensor, query_end: torch.Tensor | None,
+                   attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bool ``[batch, seq]``: the text queries whose attention ranks the vision tokens.
+
+    Text positions after the row's first vision token, up to ``query_end`` ``[batch]`` long (the row's last
+    prompt position, so answer tokens of a teacher-forced row never choose what the prompt keeps; None: the
+    whole row), and not padding (from the diagonal of a 4-D ``attention_mask``: a padded query attends nowhere).
+    """
+    batch, seq = targets.shape
+    queries = (targets.long().cumsum(1) > 0) & ~targets
+    if query_end is not None:
+        queries = queries & (torch.arange(seq, device=targets.device)[None, :] <= query_end.to(targets.device)[:, None])
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] >= seq \
+            and attention_mask.shape[-2] == seq:
+        offset = attention_mask.shape[-1] - seq
+        diag = attention_mask[:, 0, :, offset:].diagonal(dim1=-2, dim2=-1).expand(batch, seq)
+        allowed = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+        queries = queries & allowed
+    return queries
+
+
+@torch.no_grad()
+def own_attention_scores(layer: nn.Module, hidden_states: torch.Tensor, targets: torch.Tensor,
+                         attention_mask: torch.Tensor | None, position_embeddings, *,
+                         query_end: torch.Tensor | None = None, norm_name: str = "input_layernorm",
+                         rope: bool = True) -> torch.Tensor:
+    """The attention each token receives in ``layer`` from the prompt's text queries, ``[batch, seq]`` float32.
+
+    Mean over heads and over the queries of :func:`scorer_queries` of ``softmax(q K^T * scaling)`` under the
+    causal mask (or ``attention_mask``), with ``q`` / ``K`` computed exactly as the layer's attention computes
+    them from ``hidden_states`` ``[batch, seq, hidden]`` (pre-attention norm, ``q_proj`` / ``k_proj`` with any
+    LoRA adapters, per-head ``q_norm`` / ``k_norm``, the model's ``apply_rotary_pos_emb`` with
+    ``position_embeddings`` ``(cos, sin)`` unless ``rope`` is False: a layer without rotary embeddings). This is
+    the ranking the dense model's own text-to-vision attention gives in that layer (docs/baselines.md: near-dense
+    accuracy where a ``Linear(hidden, 1)`` router cannot match it), computed before the layer runs, so a skipped
+    token needs only its key. Returns ``[batch, seq]`` (every position; top-k reads the vision ones).
+
+    Cost (counted by ``efficiency.scorer_flops``): ``k_proj`` for every token, ``q_proj`` for the queries and one
+    score per (query, key) pair. The mask is the layer's own (a sliding-window layer's window) when the model
+    passes one; without one (sdpa, no padding) plain causal attention is used. Rows without
+    any query score 0 everywhere (top-k then keeps the first tokens). Raises ``PmodError`` when ``layer`` does
+    not have the structure above.
+    """
+    problem = attention_scorer_problem(layer, norm_name)
+    if problem is not None:
+        raise PmodError(f"the attention scorer cannot run here: {problem}")
+    attn = layer.self_attn
+    apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    queries = scorer_queries(targets, query_end, attention_mask)
+    batch, seq, _ = hidden_states.shape
+    d = attn.head_dim
+    x = getattr(layer, norm_name)(hidden_states)
+    key = attn.k_proj(x).view(batch, seq, -1, d)
+    k_norm, q_norm = _head_norm(attn, "k"), _head_norm(attn, "q")
+    if k_norm is not None:
+        key = k_norm(key)
+    key = key.transpose(1, 2)
+    width = max(int(queries.sum(1).max()), 1)
+    order = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :width]  # query positions first
+    rows = torch.gather(x, 1, order[:, :, None].expand(batch, width, x.shape[-1]))
+    query = attn.q_proj(rows).view(batch, width, -1, d)
+    if q_norm is not None:
+        query = q_norm(query)
+    query = query.transpose(1, 2)
+    if rope and position_embeddings is not None:
+        cos, sin = position_embeddings
+        pick = order.view(batch, width, *([1] * (cos.dim() - 2))).expand(batch, width, *cos.shape[2:])
+        cos_q, sin_q = (torch.gather(t.expand(batch, *t.shape[1:]), 1, pick) for t in (cos, sin))
+        query = apply_rope(query, query, cos_q, sin_q)[0]
+        key = apply_rope(key, key, cos, sin)[1]
+    # Full-size query tensor with the gathered rows at their positions, so text_query_attention's causal rule
+    # (or the mask rows) applies to each query's own position.
+    full = query.new_zeros(batch, query.shape[1], seq, d)
+    full.scatter_(2, order[:, None, :, None].expand(batch, query.shape[1], width, d), query)
+    return text_query_attention(full, key, attention_mask, queries, getattr(attn, "scaling", None))
+
+
+def _head_norm(attn: nn.Module, which: str) -> nn.Module | None:
+    """The per-head norm on queries / keys (``q_norm`` / ``k_norm``, LFM2's ``q_layernorm`` / ``k_layernorm``)."""
+    for name in (f"{which}_norm", f"{which}_layernorm"):
+        module = getattr(attn, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..mod.router import ROUTER_NAME
+from ..mod.scoring import text_query_attention
 from .routing import bare_model, mod_layers
 
 
@@ -57,35 +58,6 @@ def _register_capture(kernel: str) -> str:
     AttentionInterface.register(name, capture_attention)
     AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[kernel])
     return name
-
-
-def text_query_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, queries: torch.Tensor,
-                         scaling: float | None) -> torch.Tensor:
-    """Attention each key receives from the ``queries`` rows, mean over heads and those rows: ``[batch, keys]``.
-
-    query ``[batch, heads, seq, dim]`` and key ``[batch, kv_heads, keys, dim]`` (post-RoPE, as an attention
-    kernel receives them); mask: the kernel's 4-D mask (bool: True = attend, or additive float) or None
-    (plain causal); queries: bool ``[batch, seq]``.
-    """
-    b, h, n, d = query.shape
-    keys = key.shape[2]
-    width = max(int(queries.sum(1).max()), 1)
-    order = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :width]  # text query positions first
-    valid = torch.gather(queries, 1, order)  # [b, width]
-    q = torch.gather(query, 2, order[:, None, :, None].expand(b, h, width, d)).float()
-    k = key.float().repeat_interleave(h // key.shape[1], dim=1)
-    scores = q @ k.transpose(-1, -2) * (scaling if scaling is not None else d ** -0.5)  # [b, h, width, keys]
-    if mask is None or mask.dim() != 4:
-        position = order + (keys - n)  # with a cache, queries are the last n of the keys
-        allowed = torch.arange(keys, device=query.device)[None, None, :] <= position[:, :, None]
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    else:
-        rows = torch.gather(mask.expand(b, mask.shape[1], n, keys), 2,
-                            order[:, None, :, None].expand(b, mask.shape[1], width, keys))
-        scores = scores.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else scores + rows.float()
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0) * valid[:, None, :, None]
-    count = valid.sum(1).clamp_min(1).to(weights.dtype)
-    return weights.sum(dim=(1, 2)) / (count[:, None] * h)
 
 
 def text_queries(input_ids: torch.Tensor, attention_mask: torch.Tensor, vision_ids: Sequence[int]) -> torch.Tensor:

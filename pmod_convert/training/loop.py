@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import IGNORE, model_inputs
+from ..data import IGNORE, model_inputs, routed_model_inputs
 from ..devices import to_device
 from ..errors import CheckpointError, RecipeError
 from ..progress import Progress
@@ -111,7 +111,7 @@ def forward_backward(model: nn.Module, micro_batches: Sequence[dict], settings: 
         with sync:
             recording = taps.record() if taps is not None else contextlib.nullcontext()
             with recording:
-                out = model(**inputs, use_cache=False)
+                out = model(**routed_model_inputs(batch), use_cache=False)
             lm_sum, count = lm_loss_sum(out.logits, batch["labels"])
             loss = lm_sum * scales.ce
             if teacher_logits is not None and scales.kl > 0:

@@ -110,7 +110,8 @@ def prepare_for_training(model: nn.Module, settings: FinetuneSettings) -> nn.Mod
 
 
 def is_calibrated(router: nn.Module) -> bool:
-    """Whether a router carries a calibrated ranking (non-zero weights or a position prior), which the default
+    """Whether a router carries a calibrated ranking (non-zero weights, a position prior, or the attention scorer
+    chosen for its layer), which the default
     finetune keeps fixed; a zero router (the fresh p-MoD start, or where calibration found nothing better than
     keeping the first k tokens) is trained.
 
@@ -119,8 +120,8 @@ def is_calibrated(router: nn.Module) -> bool:
     93.8% against dense 96.5%); on one whose calibration kept zero routers, training them lowered the
     validation KL to dense 5x more than freezing them.
     """
-    if getattr(router, "position_prior", 0.0):
-        return True
+    if getattr(router, "position_prior", 0.0) or getattr(router, "scorer", "router") != "router":
+        return True  # a position prior, or a layer ranking by its own attention: the router does not rank
     return any(bool(p.detach().ne(0).any()) for p in router.parameters())
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE, collate, model_inputs
+from ..data import IGNORE, collate, model_inputs, routed_model_inputs
 from ..devices import to_device
 from ..evaluation.evaluate import answer_samples
 from .data import PADDING_SIDE, TrainingData
@@ -110,7 +110,7 @@ class Validator:
         count = 0
         try:
             for batch, reference in zip(self.batches, self.references):
-                logits = model(**to_device(model_inputs(batch), self.device), use_cache=False).logits
+                logits = model(**to_device(routed_model_inputs(batch), self.device), use_cache=False).logits
                 labels = batch["labels"][:, 1:]
                 chosen = labels != IGNORE
                 picked = logits[:, :-1][chosen.to(logits.device)].float().cpu()
