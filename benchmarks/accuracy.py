@@ -134,7 +134,7 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
             _log(f"    {method} accuracy {r.get('accuracy')} (decoder FLOPs {r.get('decoder_flops_ratio')})")
 
         _log(f"{meta['task']} seed {meta['seed']}: convert + calibrate to {tag} FLOPs, eval")
-        r = _cached(work / f"calibrated-{tag}.json", do_calibrate)
+        r = _cached(work / f"calibrated-{tag}-{calibrate_key()}.json", do_calibrate)
         rows.append({**base, "variant": "calibrated", "budget": budget, **r})
         _log(f"    calibrated accuracy {r.get('accuracy')} (decoder FLOPs {r.get('decoder_flops_ratio')})")
         if "error" in r:
@@ -154,11 +154,25 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
         # keyed by the settings: when the library's defaults change, the finetune runs again
         settings_key = hashlib.sha256(json.dumps(pmod_convert.FinetuneSettings().to_dict(), sort_keys=True,
                                                  default=str).encode()).hexdigest()[:8]
-        r = _cached(work / f"finetuned-{tag}-{settings_key}{'-' + str(finetune_steps) if finetune_steps else ''}.json",
-                    do_finetune)
+        r = _cached(work / f"finetuned-{tag}-{calibrate_key()}-{settings_key}"
+                           f"{'-' + str(finetune_steps) if finetune_steps else ''}.json", do_finetune)
         rows.append({**base, "variant": "finetuned", "budget": budget, **r})
         _log(f"    finetuned accuracy {r.get('accuracy')}")
     return rows
+
+
+def calibrate_key() -> str:
+    """Hash of what decides a calibration: ``calibrate``'s defaults and the schedule search (a cached calibrated
+    or finetuned result is reused only while these stay the same)."""
+    import inspect
+
+    import importlib
+
+    calibration = importlib.import_module("pmod_convert.calibration.calibrate")
+
+    defaults = {k: repr(v.default) for k, v in inspect.signature(calibration.calibrate).parameters.items()}
+    text = json.dumps([defaults, repr(calibration.SCHEDULE_SEARCH)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

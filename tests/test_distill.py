@@ -244,3 +244,32 @@ def test_text_only_training_data_is_refused_and_epochs_are_sized_from_the_data(w
     assert FinetuneSettings().epochs_for(100) == 2
     assert FinetuneSettings().epochs_for(5000) == 1
     assert FinetuneSettings(epochs=1).epochs_for(60) == 1
+
+
+def test_attention_scored_layers_finetune_lora_only_and_lr_zero_is_exact(ws, tmp_path):
+    """Layers ranking by their own attention keep their (zero) routers frozen; LoRA trains the q/k projections the
+    scorer reads, and a finetune at lr 0 still returns its input exactly."""
+    from pmod_convert import save_pretrained
+    from pmod_convert.mod.router import layer_scorers, set_layer_scorers
+
+    model = load_pretrained(ws / "mod")
+    layers = model.model.language_model.layers
+    set_layer_scorers(layers, [None if not hasattr(layer, "pmod_router") else "attention" for layer in layers])
+    save_pretrained(model, tmp_path / "att", source=ws / "mod")
+    settings = FinetuneSettings(lr=0.0, max_steps=2, warmup_ratio=0.0, keep_best=False, **QUIET)
+    finetune(tmp_path / "att", ws / "train.json", ws / "images", out=tmp_path / "ft0", settings=settings,
+             show_progress=False)
+    before, after = load_pretrained(tmp_path / "att"), load_pretrained(tmp_path / "ft0")
+    from pmod_convert.adapters import adapter_by_family
+
+    assert layer_scorers(adapter_by_family("llava").decoder_layers(after)) == layer_scorers(layers)
+    enc, samples, batch = _batch(ws, 12)
+    with torch.no_grad():
+        assert (before(**model_inputs(batch)).logits - after(**model_inputs(batch)).logits).abs().max() <= 1e-6
+    moving = FinetuneSettings(max_steps=3, warmup_ratio=0.0, keep_best=False, **QUIET)
+    summary = finetune(tmp_path / "att", ws / "train.json", ws / "images", out=tmp_path / "ft", settings=moving,
+                       show_progress=False)
+    assert all(row["router_moved"] == 0 for row in summary["layers"] if row.get("router_moved") is not None)
+    trained = load_pretrained(tmp_path / "ft")
+    with torch.no_grad():
+        assert (before(**model_inputs(batch)).logits - trained(**model_inputs(batch)).logits).abs().max() > 1e-4
