@@ -240,8 +240,9 @@ def test_text_only_training_data_is_refused_and_epochs_are_sized_from_the_data(w
         finetune(ws / "mod", tmp_path / "text.json", out=tmp_path / "ft", settings=FinetuneSettings(**QUIET),
                  show_progress=False)
     assert not (tmp_path / "ft").exists()
-    assert FinetuneSettings().epochs_for(60) == 3  # 1,000 rows at an effective batch of 16
-    assert FinetuneSettings().epochs_for(100) == 2
+    assert FinetuneSettings().epochs_for(60) == 6  # 1,000 rows at an effective batch of 16
+    assert FinetuneSettings().epochs_for(100) == 4
+    assert FinetuneSettings().epochs_for(400) == 1
     assert FinetuneSettings().epochs_for(5000) == 1
     assert FinetuneSettings(epochs=1).epochs_for(60) == 1
 

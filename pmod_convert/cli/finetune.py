@@ -51,7 +51,7 @@ def finetune_cmd(
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay of LoRA / projector (0).")] = None,
     warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", help="Linear warmup share of the steps before the cosine decay (0.1).")] = None,
     max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", help="Gradient clipping norm (1.0; 0 = off).")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (default: enough for about 180 optimizer steps, at most 3).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data (default: enough for about 360 optimizer steps, at most 6).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps; overrides --epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per micro-batch per process (1).")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step (default: sized from the data for an effective batch of up to 16).")] = None,
