@@ -152,7 +152,10 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
         _log(f"{meta['task']} seed {meta['seed']}: finetune at {tag} FLOPs (default settings, "
              f"{'small' if small else f'<= {FINETUNE_ROWS} rows'}), eval")
         # keyed by the settings: when the library's defaults change, the finetune runs again
-        settings_key = hashlib.sha256(json.dumps(pmod_convert.FinetuneSettings().to_dict(), sort_keys=True,
+        # (and by the rules that size a None setting from the data: the epochs for a few epoch lengths)
+        defaults = pmod_convert.FinetuneSettings()
+        sized = {"epochs_for": [defaults.epochs_for(n) for n in (10, 30, 60, 120, 400)]}
+        settings_key = hashlib.sha256(json.dumps([defaults.to_dict(), sized], sort_keys=True,
                                                  default=str).encode()).hexdigest()[:8]
         r = _cached(work / f"finetuned-{tag}-{calibrate_key()}-{settings_key}"
                            f"{'-' + str(finetune_steps) if finetune_steps else ''}.json", do_finetune)
