@@ -165,8 +165,9 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
 
 
 def calibrate_key() -> str:
-    """Hash of what decides a calibration: ``calibrate``'s defaults and the schedule search (a cached calibrated
-    or finetuned result is reused only while these stay the same)."""
+    """Hash of what decides a calibration: ``calibrate``'s defaults, the schedule search and the source of the
+    calibration, scoring and cost modules (a cached calibrated or finetuned result is reused only while these
+    stay the same)."""
     import inspect
 
     import importlib
@@ -174,7 +175,12 @@ def calibrate_key() -> str:
     calibration = importlib.import_module("pmod_convert.calibration.calibrate")
 
     defaults = {k: repr(v.default) for k, v in inspect.signature(calibration.calibrate).parameters.items()}
-    text = json.dumps([defaults, repr(calibration.SCHEDULE_SEARCH)], sort_keys=True)
+    # and the code that solves budgets, ranks tokens and costs them
+    package = Path(calibration.__file__).resolve().parents[1]
+    sources = [package / "calibration" / "calibrate.py", package / "calibration" / "budget.py",
+               package / "calibration" / "warm_start.py", package / "mod" / "scoring.py", package / "efficiency.py"]
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+    text = json.dumps([defaults, repr(calibration.SCHEDULE_SEARCH), code], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

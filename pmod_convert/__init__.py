@@ -6,7 +6,7 @@ from .progress import quiet_known_noise  # noqa: E402
 
 quiet_known_noise()  # one exact library notice users cannot act on (see progress.QUIETED), also for API users
 
-from .api import add_routers, convert, is_pmod_model, layer_infos, load_dense, load_pretrained, save_pretrained  # noqa: E402
+from .api import add_routers, convert, is_pmod_model, layer_infos, load_dense, load_pretrained, save_pretrained, set_scorers  # noqa: E402
 from .errors import CheckpointError, DataError, PmodError, RecipeError, UnsupportedArchitecture  # noqa: E402
 from .recipe import Recipe, RouterSettings, ScheduleSettings  # noqa: E402
 
@@ -32,6 +32,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__", "add_routers", "convert", "is_pmod_model", "layer_infos", "load_dense", "load_pretrained",
-    "save_pretrained", "Recipe", "RouterSettings", "ScheduleSettings", "PmodError", "RecipeError",
+    "save_pretrained", "set_scorers", "Recipe", "RouterSettings", "ScheduleSettings", "PmodError", "RecipeError",
     "CheckpointError", "DataError", "UnsupportedArchitecture", *_LAZY,
 ]

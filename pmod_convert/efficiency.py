@@ -250,13 +250,15 @@ def linear_flops(shape: TextShape, n_tokens: int) -> int:
 def scorer_flops(shape: TextShape, n_vision: int, n_text: int, *, paper: bool = False) -> int:
     """Extra FLOPs of the attention scorer (``mod.scoring.own_attention_scores``) in one MoD layer for one prompt.
 
-    ``k_proj`` for every vision token (``2 * h * kv * d`` each; text tokens need their keys in the layer anyway),
-    ``q_proj`` again for the text queries (``2 * h * q * d`` each, all ``n_text`` counted) and one score per
-    (query, key) pair (``2 * q * d``, ``n_text * (n_vision + n_text)`` pairs at most). With ``paper`` (the
-    p-MoD count, linears only) the pair term is left out, as it is for the layers.
+    What the scorer computes: ``k_proj`` for every token of the prompt (``2 * h * kv * d`` each; the layer then
+    computes the kept tokens' keys again), ``q_proj`` for the text queries (``2 * h * q * d`` each; all
+    ``n_text`` counted, an upper bound: only the prompt's text after the image is projected) and one score per
+    (query, key) pair (``2 * q * d``, ``n_text * (n_vision + n_text)`` pairs at most). The norm before the
+    projections and the softmax are elementwise and not counted, as for the layers. With ``paper`` (the p-MoD
+    count, linears only) the pair term is left out, as it is for the layers.
     """
     h, q, kv, d = shape.hidden, shape.num_heads, shape.num_kv_heads, shape.head_dim
-    linears = 2 * n_vision * h * kv * d + 2 * n_text * h * q * d
+    linears = 2 * (n_vision + n_text) * h * kv * d + 2 * n_text * h * q * d
     return linears if paper else linears + 2 * n_text * (n_vision + n_text) * q * d
 
 

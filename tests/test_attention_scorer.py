@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import constant, run, single_rows, tiny_model
 
-from pmod_convert import add_routers, load_pretrained, save_pretrained
+from pmod_convert import add_routers, load_pretrained, save_pretrained, set_scorers
 from pmod_convert.adapters import adapter_by_family, all_adapters
 from pmod_convert.api import mod_layers
 from pmod_convert.calibration.budget import Workload, solve_budget
@@ -36,8 +36,10 @@ def _layer_inputs(model, layer):
 
 
 def _reference(attentions, targets):
-    """Mean over heads and over the text queries after the first vision token of eager attention weights."""
-    queries = (targets.long().cumsum(1) > 0) & ~targets
+    """Mean over heads and over the text queries after the last vision token of eager attention weights."""
+    last = max(int(i) for i in targets[0].nonzero().flatten())
+    queries = torch.zeros_like(targets)
+    queries[:, last + 1:] = True
     weights = attentions.float().mean(1) * queries[:, :, None]
     return weights.sum(1) / queries.sum(1, keepdim=True)
 
@@ -65,8 +67,8 @@ def test_scores_equal_the_layers_own_eager_attention_in_every_family(family):
 def _attention_model(family="llava", ratio=0.5, layers=(1, 2, 3)):
     dense, config = tiny_model(family)
     mod = add_routers(dense, constant(ratio, layers=list(layers)))
-    all_layers = adapter_by_family(family).decoder_layers(mod)
-    set_layer_scorers(all_layers, ["attention" if i in layers else None for i in range(len(all_layers))])
+    n = len(adapter_by_family(family).decoder_layers(mod))
+    set_scorers(mod, ["attention" if i in layers else None for i in range(n)])
     return dense, mod, config
 
 
@@ -94,7 +96,7 @@ def test_ratio_one_is_dense_and_the_scorer_changes_what_is_kept():
         torch.testing.assert_close(mod(**row).logits, dense(**row).logits, rtol=0, atol=0)
     _, routed, _ = _attention_model(ratio=0.5)
     _, first_k, _ = _attention_model(ratio=0.5)
-    set_layer_scorers(adapter_by_family("llava").decoder_layers(first_k), None)  # zero routers: the first k
+    set_scorers(first_k, None)  # zero routers: the first k
     with torch.no_grad():
         assert not torch.allclose(routed(**row).logits, first_k(**row).logits)
 
@@ -142,7 +144,7 @@ def test_packed_rows_and_chunked_prefill_are_refused():
     n = row["input_ids"].shape[1]
     packed = dict(row, input_ids=row["input_ids"].repeat(1, 2), attention_mask=torch.ones(1, 2 * n, dtype=torch.long),
                   position_ids=torch.arange(n).repeat(1, 2), pixel_values=row["pixel_values"].repeat(2, 1, 1, 1))
-    with pytest.raises(PmodError, match="packed rows"):
+    with pytest.raises(PmodError, match="packing several samples with images"):
         mod(**packed)
     with torch.no_grad():
         out = mod(**{k: v for k, v in row.items()}, use_cache=True)
@@ -164,7 +166,7 @@ def test_scorer_survives_save_and_load_and_is_checked(tmp_path):
     row = single_rows("llava", config)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**row).logits, mod(**row).logits)
-    set_layer_scorers(loaded.model.language_model.layers, None)
+    set_scorers(loaded, None)
     save_pretrained(loaded, tmp_path / "none")
     assert "scorer" not in read_config(tmp_path / "none")["pmod"]
     code, output = run("inspect", tmp_path / "none", "--json")
@@ -179,13 +181,58 @@ def test_scorer_survives_save_and_load_and_is_checked(tmp_path):
             load_pretrained(tmp_path / "ckpt")
 
 
-def test_a_layer_without_the_attention_structure_is_refused():
-    _, mod, _ = _attention_model(layers=(1,))
+def test_a_layer_without_the_attention_structure_and_bad_arguments_are_refused():
+    _, mod, config = _attention_model(layers=(1,))
     layers = adapter_by_family("llava").decoder_layers(mod)
     with pytest.raises(PmodError, match="no post_norm"):
-        set_layer_scorers(layers, [None, "attention", None, None], norm_name="post_norm")
+        set_layer_scorers(layers, [None, "attention", None, None], norm_name="post_norm", rope=lambda layer: True)
+    with pytest.raises(PmodError, match="rope="):  # the family decides which layers use rotary embeddings
+        set_layer_scorers(layers, [None, "attention", None, None])
     with pytest.raises(PmodError, match="unknown scorer"):
-        set_layer_scorers(layers, [None, "oracle", None, None])
+        set_scorers(mod, [None, "oracle", None, None])
+    row = single_rows("llava", config)[0]
+    for bad in ([3, 4], "5", True, 2.5):
+        with pytest.raises(PmodError, match="pmod_score_query"):
+            mod(**row, pmod_score_query=bad)
+    with pytest.raises(PmodError, match="no prompt text after"):  # a query before the image: nothing ranks
+        mod(**row, pmod_score_query=0)
+    vision = torch.isin(row["input_ids"][0], torch.tensor(adapter_by_family("llava").vision_token_ids(config)))
+    end = int(vision.nonzero().max()) + 1  # the row cut right after its image
+    cut = dict(row, input_ids=row["input_ids"][:, :end], attention_mask=row["attention_mask"][:, :end])
+    with pytest.raises(PmodError, match="no prompt text after"):
+        mod(**cut)
+
+
+def test_left_padding_with_position_ids_works_and_packed_images_are_refused():
+    _, mod, config = _attention_model()
+    rows = single_rows("llava", config)
+    batch = collate(rows, adapter_by_family("llava").pad_token_id(config), padding_side="left")
+    mask = batch["attention_mask"]
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what HF / TRL pass with left padding
+    with torch.no_grad():
+        torch.testing.assert_close(mod(**batch, position_ids=position_ids).logits, mod(**batch).logits)
+
+
+def test_multi_crop_separators_are_no_queries():
+    from pmod_convert.mod.scoring import scorer_queries
+
+    targets = torch.tensor([[0, 1, 1, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)  # two crops, a separator, a prompt
+    assert scorer_queries(targets, None, None)[0].tolist() == [False] * 6 + [True] * 3
+    segments = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1]])  # a second (text-only) sample packed after it
+    assert scorer_queries(targets, None, None, segments)[0].tolist() == [False] * 6 + [True, False, False]
+
+
+def test_router_taps_record_what_the_layer_really_kept():
+    from pmod_convert.training.routing import RouterTaps
+
+    _, mod, config = _attention_model()
+    row = single_rows("llava", config)[0]
+    layers = adapter_by_family("llava").decoder_layers(mod)
+    with RouterTaps(mod) as taps, taps.record(), torch.no_grad():
+        mod(**row)
+        for rec in taps.records:
+            kept = layers[rec.layer].pmod_last_kept[0]
+            assert rec.keep[0].nonzero().flatten().tolist() == kept[kept >= 0].tolist()
 
 
 def test_the_scorer_is_paid_for_in_the_flops_estimate_and_the_budget():
@@ -194,7 +241,7 @@ def test_the_scorer_is_paid_for_in_the_flops_estimate_and_the_budget():
     plain = estimate(shape, ratios, 64, 12)
     scored = estimate(shape, ratios, 64, 12, scorers=[None, "attention", "attention", "router"])
     extra = scorer_flops(shape, 64, 12)
-    assert extra == 2 * 64 * 64 * 32 + 2 * 12 * 64 * 64 + 2 * 12 * 76 * 64
+    assert extra == 2 * 76 * 64 * 32 + 2 * 12 * 64 * 64 + 2 * 12 * 76 * 64  # k of every token, q of text, pairs
     assert scored.mod_decoder_flops == plain.mod_decoder_flops + 2 * extra
     assert scored.dense_decoder_flops == plain.dense_decoder_flops
     # at ratio 1.0 nothing is ranked, so nothing is paid

@@ -108,10 +108,10 @@ def test_router_rank_loss_follows_the_order_of_the_teacher_attention():
     log_att = torch.log(attention.clamp_min(1e-12))
     for scale, expected in ((1.0, 0.0), (5.0, 0.0), (-1.0, 2.0)):  # any clear positive scale: order is all
         logits = (log_att * scale).masked_fill(~vision, 123.0)  # non-vision logits are ignored
-        loss, n = router_rank_loss([RouterRecord(2, logits, vision, vision, logits)], {2: attention}, vision)
+        loss, n = router_rank_loss([RouterRecord(2, logits, vision, None, logits)], {2: attention}, vision)
         assert n == 1 and float(loss) == pytest.approx(expected, abs=1e-3)
     flat = torch.zeros(1, 5, requires_grad=True)  # a fresh zero router: uncorrelated, with a finite gradient
-    loss, n = router_rank_loss([RouterRecord(2, flat, vision, vision, flat)], {2: attention}, vision)
+    loss, n = router_rank_loss([RouterRecord(2, flat, vision, None, flat)], {2: attention}, vision)
     loss.backward()
     assert float(loss) == pytest.approx(1.0)
     grad = -flat.grad[vision]
@@ -251,11 +251,12 @@ def test_attention_scored_layers_finetune_lora_only_and_lr_zero_is_exact(ws, tmp
     """Layers ranking by their own attention keep their (zero) routers frozen; LoRA trains the q/k projections the
     scorer reads, and a finetune at lr 0 still returns its input exactly."""
     from pmod_convert import save_pretrained
-    from pmod_convert.mod.router import layer_scorers, set_layer_scorers
+    from pmod_convert import set_scorers
+    from pmod_convert.mod.router import layer_scorers
 
     model = load_pretrained(ws / "mod")
     layers = model.model.language_model.layers
-    set_layer_scorers(layers, [None if not hasattr(layer, "pmod_router") else "attention" for layer in layers])
+    set_scorers(model, [None if not hasattr(layer, "pmod_router") else "attention" for layer in layers])
     save_pretrained(model, tmp_path / "att", source=ws / "mod")
     settings = FinetuneSettings(lr=0.0, max_steps=2, warmup_ratio=0.0, keep_best=False, **QUIET)
     finetune(tmp_path / "att", ws / "train.json", ws / "images", out=tmp_path / "ft0", settings=settings,

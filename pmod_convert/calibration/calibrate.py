@@ -132,6 +132,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
         raise RecipeError(f"--convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
     if method == "pmod" and (fastv_k is not None or pdrop_stages is not None):
         raise RecipeError("--fastv-k / --pdrop-stages apply to --method fastv / pdrop only")
+    if method != "pmod" and scorer != "auto":
+        raise RecipeError(f"--scorer applies to --method pmod only; {method} ranks by its scoring layer's attention")
     _check_options(schedule, layer_selection, shape, profile, samples, holdout, seed)
     if scorer not in SCORER_CHOICES:
         raise RecipeError(f"--scorer must be one of {', '.join(SCORER_CHOICES)}, got {scorer!r}")
@@ -263,8 +265,15 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
         if references or val_refs:
             c.validation = _agreement(model, items, references or val_refs, run_device, False, "")
             c.validation_kl = _selection_kl(c.validation)
-    chosen = min((c for c in searched if c.solution is not None and c.same_as is None),
-                 key=lambda c: (c.validation_kl if c.validation_kl is not None else 0.0))
+    usable = [c for c in searched if c.solution is not None and c.same_as is None]
+    if not usable:
+        raise RecipeError("no schedule of the search can be used: " + "; ".join(
+            f"{c.kind}/{c.scorer}: {c.error}" for c in searched if c.error)[:600])
+    if len(usable) > 1 and all(c.validation_kl is None for c in usable):
+        log.warning("calibrate: no held-out or validation rows to compare the %d search candidates on; keeping the "
+                    "first (%s, %s). Give more samples or --holdout > 0, or fix --schedule and --scorer",
+                    len(usable), usable[0].kind, usable[0].scorer)
+    chosen = min(usable, key=lambda c: (c.validation_kl if c.validation_kl is not None else 0.0))
     chosen.chosen = True
     solution, fits, choices = chosen.solution, chosen.fits, chosen.choices
     del model  # rebuilt with the chosen schedule's MoD layers only (the search converted their union)
@@ -468,6 +477,14 @@ def _solve_all(searched: list[Candidate], workload: Workload, budget_args: dict)
         except RecipeError as exc:
             c.solution, c.error = None, str(exc)
             first = first or exc
+            continue
+        losing = [row.layer for row in c.solution.estimate.layers
+                  if c.scorer == "attention" and row.ratio is not None and row.mod_flops > row.dense_flops]
+        if losing:  # the scorer would cost more than the layer saves (few vision tokens, ratio near 1)
+            c.error = (f"with the attention scorer layers {losing} would cost more than their dense FLOPs at this "
+                       "budget")
+            c.solution = None
+            first = first or RecipeError(c.error)
     if all(c.solution is None for c in searched):
         raise first
 
@@ -671,9 +688,11 @@ def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, so
                    "sweep": solution.sweep},
         "estimate": _estimate_dict(est),
         "schedule": asdict(solution.settings),
-        "search": {"chosen_by": "KL(dense || MoD) on the held-out rows (the validation rows without any) at answer "
-                                f"positions (every text position after the image below {MIN_ANSWER_POSITIONS} answer "
-                                "tokens); each candidate's routers were chosen on the validation rows",
+        "search": {"chosen_by": ("KL(dense || MoD) on the held-out rows (the validation rows without any) at answer "
+                                 f"positions (every text position after the image below {MIN_ANSWER_POSITIONS} "
+                                 "answer tokens); each candidate's routers were chosen on the validation rows")
+                   if any(c.validation_kl is not None for c in searched) else
+                   "nothing measured (no held-out or validation rows): the first usable candidate",
                    "candidates": [c.to_dict() for c in searched]},
         "layer_ratios": solution.ratios,
         "router": asdict(router),

@@ -25,7 +25,7 @@ def calibrate_cmd(
     target_kv: Annotated[Optional[float], typer.Option(
         "--target-kv", help="Budget: KV-cache size of the MoD model / dense model, e.g. 0.55.")] = None,
     schedule: Annotated[str, typer.Option("--schedule", help=(
-        "auto (try several schedule shapes, keep the one closest to dense on validation) | shiftedcos | "
+        "auto (try several schedule shapes, keep the one closest to dense on the held-out rows) | shiftedcos | "
         "shiftedlinear | constant."))] = "auto",
     scorer: Annotated[str, typer.Option("--scorer", help=(
         "How MoD layers rank vision tokens: auto (chosen on validation) | router (linear routers) | attention "
@@ -40,7 +40,8 @@ def calibrate_cmd(
         "--warm-start/--no-warm-start", help="Fit the routers on the data (else zero-initialised routers).")] = True,
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples drawn from the data.")] = 128,
     holdout: Annotated[float, typer.Option(
-        "--holdout", help="Share of the samples held out to compare warm-started and zero routers.")] = 0.25,
+        "--holdout", help=("Share of the samples held out: the search's candidates are compared on them, and the "
+                           "report compares the result with zero routers."))] = 0.25,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and splitting (same seed, same report).")] = 0,
     include_vision_tower: Annotated[bool, typer.Option(
         "--include-vision-tower", help="Count the vision tower (identical in both models) in the FLOPs budget.")] = False,
@@ -97,12 +98,23 @@ def calibrate_cmd(
     console.print(f"estimated FLOPs ratio {est['flops_ratio']:.3f}, KV-cache ratio {est['kv_ratio']:.3f} "
                   f"(budget {budget['metric']} {budget['target']:g}, reachable {budget['reachable'][0]:.3f}-"
                   f"{budget['reachable'][1]:.3f}; {_counted(report)})", highlight=False, soft_wrap=True)
+    search = report.get("search") or {}
+    chosen = next((c for c in search.get("candidates", []) if c["chosen"]), None)
+    if chosen is not None:
+        measured = sum(c["validation_kl"] is not None for c in search["candidates"])
+        first = f", layers 0-{chosen['dense_first'] - 1} dense" if chosen["dense_first"] else ""
+        console.print(f"chosen: {chosen['schedule']} (min ratio {chosen['min_ratio']:g}{first}), ranked by "
+                      f"{'each layer’s own attention' if chosen['scorer'] == 'attention' else 'routers'}; "
+                      f"{search['chosen_by'] if measured else 'nothing measured (no held-out or validation rows)'}"
+                      f" [{measured} of {len(search['candidates'])} candidates measured]", highlight=False,
+                      soft_wrap=True)
     warm = report["warm_start"]
     if warm["zero_routers"] is not None:
         line = f"held-out agreement with the dense model: zero routers top-1 {warm['zero_routers']['top1']:.3f}, " \
                f"KL {warm['zero_routers']['kl']:.4f}"
         if warm["warm_start"] is not None:
-            line += f"; warm start top-1 {warm['warm_start']['top1']:.3f}, KL {warm['warm_start']['kl']:.4f}"
+            label = "attention scorer" if chosen is not None and chosen["scorer"] == "attention" else "warm start"
+            line += f"; {label} top-1 {warm['warm_start']['top1']:.3f}, KL {warm['warm_start']['kl']:.4f}"
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"report: {result.path / 'calibration_report.json'} (+ calibration_layers.png, "
                   "calibration_budget.png)", highlight=False, soft_wrap=True)

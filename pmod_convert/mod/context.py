@@ -325,9 +325,14 @@ def _score_query(value) -> int | torch.Tensor:
     """``pmod_score_query`` as given: -1 (absent), an int position, or a long tensor ``[batch]`` per row."""
     if value is None:
         return -1
-    if isinstance(value, torch.Tensor) and value.numel() > 1:
-        return value.long().reshape(-1)
-    return int(value)
+    if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool:
+        return value.long().reshape(-1) if value.numel() > 1 else int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    from ..errors import PmodError
+
+    raise PmodError(f"{SCORE_QUERY_KWARG} must be an int position or an integer tensor [batch] of positions, got "
+                    f"{type(value).__name__} {str(value)[:40]}")
 
 
 def score_query_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

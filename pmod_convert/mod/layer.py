@@ -137,12 +137,10 @@ class MoDLayerMixin:
                 if cache_layer is not None and cache_layer.get_seq_length():
                     raise PmodError(f"MoD layer {self.pmod_layer_idx} ranks by its own attention and needs the whole "
                                     "prompt in one forward (no chunked prefill)")
-                if context.segments_for(hidden_states) is not None:
-                    raise PmodError(f"MoD layer {self.pmod_layer_idx} ranks by its own attention, which is not "
-                                    "defined for packed rows (several samples per row); pad the batch instead")
                 logits = own_attention_scores(self, hidden_states, targets, attention_mask, position_embeddings,
                                               query_end=context.query_end(hidden_states),
-                                              norm_name=self.pmod_input_norm, rope=self.pmod_scorer_rope)
+                                              norm_name=self.pmod_input_norm, rope=self.pmod_scorer_rope,
+                                              segments=context.segments_for(hidden_states))
         else:  # training-free baseline: rank by the scoring layer's attention, no router weighting
             logits, weights = context.selection_scores(self.pmod_layer_idx, hidden_states), None
         with torch.no_grad():

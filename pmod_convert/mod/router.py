@@ -127,7 +127,8 @@ def set_layer_scorers(layers, scorers, *, norm_name: str = "input_layernorm", ro
 
     ``norm_name``: the decoder layer's pre-attention norm (the adapter's ``input_norm``); ``rope``: a callable
     ``layer -> bool`` telling whether the layer's attention applies rotary embeddings (the adapter's
-    ``attention_rope``; None: every layer does). Raises ``PmodError``
+    ``attention_rope``), required when a layer gets ``"attention"`` (``pmod_convert.set_scorers`` passes both
+    from the model's adapter). Raises ``PmodError``
     for a list without one entry per layer, an unknown scorer, or ``"attention"`` on a layer whose attention the
     scorer cannot reproduce (:func:`pmod_convert.mod.scoring.attention_scorer_problem`).
     """
@@ -145,9 +146,12 @@ def set_layer_scorers(layers, scorers, *, norm_name: str = "input_layernorm", ro
         if scorer not in SCORERS:
             raise PmodError(f"layer {index}: unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
         if scorer == "attention":
+            if rope is None:
+                raise PmodError("set_layer_scorers needs rope= (the adapter's attention_rope) for the attention "
+                                "scorer; use pmod_convert.set_scorers(model, scorers)")
             problem = attention_scorer_problem(layer, norm_name)
             if problem is not None:
                 raise PmodError(f"layer {index} cannot rank vision tokens by its own attention: {problem}")
             layer.pmod_input_norm = norm_name
-            layer.pmod_scorer_rope = True if rope is None else bool(rope(layer))
+            layer.pmod_scorer_rope = bool(rope(layer))
         router.scorer = scorer

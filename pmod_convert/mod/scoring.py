@@ -233,16 +233,23 @@ def attention_scorer_problem(layer: nn.Module, norm_name: str = "input_layernorm
     return None
 
 
-def scorer_queries(targets: torch.Tensor, query_end: torch.Tensor | None,
-                   attention_mask: torch.Tensor | None) -> torch.Tensor:
+def scorer_queries(targets: torch.Tensor, query_end: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                   segments: torch.Tensor | None = None) -> torch.Tensor:
     """Bool ``[batch, seq]``: the text queries whose attention ranks the vision tokens.
 
-    Text positions after the row's first vision token, up to ``query_end`` ``[batch]`` long (the row's last
-    prompt position, so answer tokens of a teacher-forced row never choose what the prompt keeps; None: the
-    whole row), and not padding (from the diagonal of a 4-D ``attention_mask``: a padded query attends nowhere).
+    The prompt's text after the row's LAST vision token (text inside an image block, e.g. crop separators,
+    or between two images would see only the earlier crops and bias the mean towards them), up to
+    ``query_end`` ``[batch]`` long (the row's last prompt position, so answer tokens of a teacher-forced row
+    never choose what the prompt keeps; None: the whole row), in the sample (``segments`` ``[batch, seq]``,
+    see ``context.packed_segments``) that holds the vision tokens, and not padding (from the diagonal of a 4-D
+    ``attention_mask``: a padded query attends nowhere).
     """
     batch, seq = targets.shape
-    queries = (targets.long().cumsum(1) > 0) & ~targets
+    after_last = targets.long().flip(1).cumsum(1).flip(1) == 0  # no vision token at or after this position
+    queries = after_last & (targets.long().cumsum(1) > 0)
+    if segments is not None:
+        last = seq - 1 - targets.flip(1).long().argmax(1)  # the row's last vision position
+        queries = queries & (segments == segments.gather(1, last[:, None]))
     if query_end is not None:
         queries = queries & (torch.arange(seq, device=targets.device)[None, :] <= query_end.to(targets.device)[:, None])
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] >= seq \
@@ -258,7 +265,7 @@ def scorer_queries(targets: torch.Tensor, query_end: torch.Tensor | None,
 def own_attention_scores(layer: nn.Module, hidden_states: torch.Tensor, targets: torch.Tensor,
                          attention_mask: torch.Tensor | None, position_embeddings, *,
                          query_end: torch.Tensor | None = None, norm_name: str = "input_layernorm",
-                         rope: bool = True) -> torch.Tensor:
+                         rope: bool = True, segments: torch.Tensor | None = None) -> torch.Tensor:
     """The attention each token receives in ``layer`` from the prompt's text queries, ``[batch, seq]`` float32.
 
     Mean over heads and over the queries of :func:`scorer_queries` of ``softmax(q K^T * scaling)`` under the
@@ -272,16 +279,29 @@ def own_attention_scores(layer: nn.Module, hidden_states: torch.Tensor, targets:
 
     Cost (counted by ``efficiency.scorer_flops``): ``k_proj`` for every token, ``q_proj`` for the queries and one
     score per (query, key) pair. The mask is the layer's own (a sliding-window layer's window) when the model
-    passes one; without one (sdpa, no padding) plain causal attention is used. Rows without
-    any query score 0 everywhere (top-k then keeps the first tokens). Raises ``PmodError`` when ``layer`` does
-    not have the structure above.
+    passes one; without one (sdpa, no padding) plain causal attention is used. Raises ``PmodError`` when
+    ``layer`` does not have the structure above, when a row with vision tokens has no query, or when a packed
+    row (``segments``) holds vision tokens of several samples.
     """
     problem = attention_scorer_problem(layer, norm_name)
     if problem is not None:
         raise PmodError(f"the attention scorer cannot run here: {problem}")
     attn = layer.self_attn
     apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    queries = scorer_queries(targets, query_end, attention_mask)
+    queries = scorer_queries(targets, query_end, attention_mask, segments)
+    if segments is not None:  # a left-padding run is its own segment; several samples with images are not allowed
+        big = torch.iinfo(segments.dtype).max
+        lo = torch.where(targets, segments, big).amin(1)
+        hi = torch.where(targets, segments, -1).amax(1)
+        if bool(((lo != hi) & targets.any(1)).any()):
+            raise PmodError("the attention scorer ranks each sample's vision tokens by that sample's prompt; a row "
+                            "packing several samples with images is not supported: pad the batch instead")
+    orphan = targets.any(1) & ~queries.any(1)
+    if bool(orphan.any()):
+        raise PmodError(f"rows {orphan.nonzero().flatten().tolist()} have vision tokens but no prompt text after "
+                        "them (or pmod_score_query points before the image), so the attention scorer has nothing "
+                        "to rank by; put the question after the image, or use a checkpoint calibrated with "
+                        "--scorer router")
     batch, seq, _ = hidden_states.shape
     d = attn.head_dim
     x = getattr(layer, norm_name)(hidden_states)

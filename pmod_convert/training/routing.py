@@ -2,8 +2,9 @@
 
 Nothing here changes the engine (``pmod_convert.mod``); it only observes or steers it from outside:
 
-* :class:`RouterTaps` records, for every MoD layer, the router logits the layer routed with and the top-k
-  selection recomputed from them with :func:`~pmod_convert.mod.routing.select_tokens` (the engine's own rule).
+* :class:`RouterTaps` records, for every MoD layer, the router logits the layer routed with and what the layer
+  really kept (read from the layer after its forward: top-k by the logits, plus any position prior, or by the
+  layer's own attention).
   The engine asks the router for logits through ``TanhNormRouter.logits``, which calls ``nn.Linear.forward``
   directly, so module forward hooks on ``pmod_router`` never fire; the taps wrap ``logits`` on each router
   instance instead (an instance attribute shadowing the class method), and remove the wrapper on exit.
@@ -23,7 +24,6 @@ from ..adapters import get_adapter
 from ..adapters.base import unwrap
 from ..errors import RecipeError
 from ..mod.router import ROUTER_NAME, TanhNormRouter
-from ..mod.routing import select_tokens
 
 
 def bare_model(model: nn.Module) -> nn.Module:
@@ -52,8 +52,19 @@ class RouterRecord:
     layer: int
     logits: torch.Tensor  # [batch, seq] float32, attached to the graph (the router's own output)
     targets: torch.Tensor  # [batch, seq] bool: tokens the layer routed
-    keep: torch.Tensor  # [batch, seq] bool: the layer's top-k selection (non-targets are kept too)
+    module: nn.Module  # the MoD layer: ``keep`` is read from what it really kept (after its forward)
     weights: torch.Tensor  # [batch, seq] TanhNorm weights alpha * tanh(logit) + beta (detached)
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """``[batch, seq]`` bool: the tokens the layer really kept in the recorded forward (its top-k by router
+        logits plus position prior, or by its own attention; non-targets are kept too). Read it before the
+        layer's next forward."""
+        kept = self.module.pmod_last_kept
+        keep = torch.zeros(self.targets.shape[0], self.targets.shape[1] + 1, dtype=torch.bool,
+                           device=self.targets.device)
+        index = torch.where(kept >= 0, kept, self.targets.shape[1]).to(self.targets.device)
+        return keep.scatter_(1, index, True)[:, :-1]
 
 
 class _Tap:
@@ -68,9 +79,8 @@ class _Tap:
             targets = self.layer._pmod_context.targets_for(hidden_states)
             if targets is not None and bool(targets.any()):
                 with torch.no_grad():
-                    keep = select_tokens(logits.detach(), targets, self.layer.pmod_ratio)
                     weights = self.router.token_weights(logits.detach())
-                self.taps.records.append(RouterRecord(self.index, logits, targets, keep, weights))
+                self.taps.records.append(RouterRecord(self.index, logits, targets, self.layer, weights))
         return logits
 
 
