@@ -59,7 +59,8 @@ __all__ = [
 
 COUNTED_DECODER = (
     "decoder layers only: attention (q/k/v/o) + MLP linears and causal attention scores/values "
-    "(exact causal pair count); embeddings, lm_head, norms, softmax, routers and vision tower excluded"
+    "(exact causal pair count), plus the attention scorer's projections and scores in layers that use it; "
+    "embeddings, lm_head, norms, softmax, routers and vision tower excluded"
 )
 COUNTED_WITH_VISION = (
     "decoder layers (attention + MLP linears, exact causal attention pairs) plus a rough vision-tower "
