@@ -215,8 +215,9 @@ def attention_scorer_problem(layer: nn.Module, norm_name: str = "input_layernorm
     """Why ``layer`` cannot rank its vision tokens by its own attention (None when it can).
 
     The scorer needs a pre-attention norm child ``norm_name``, ``self_attn`` with ``q_proj`` / ``k_proj``
-    linears, ``head_dim`` and ``scaling``, and a module-level ``apply_rotary_pos_emb(q, k, cos, sin)`` in the
-    attention's modeling module (optional ``q_norm`` / ``k_norm`` per head are applied as the model does).
+    linears and an int ``head_dim`` (``scaling`` when present, else ``head_dim ** -0.5``), and a module-level
+    ``apply_rotary_pos_emb(q, k, cos, sin)`` in the attention's modeling module (per-head ``q_norm`` / ``k_norm``
+    or ``q_layernorm`` / ``k_layernorm`` are applied as the model does).
     """
     attn = getattr(layer, "self_attn", None)
     if attn is None:
