@@ -28,7 +28,8 @@ def calibrate_cmd(
         "auto (try several schedule shapes, keep the one closest to dense on the held-out rows) | shiftedcos | "
         "shiftedlinear | constant."))] = "auto",
     scorer: Annotated[str, typer.Option("--scorer", help=(
-        "How MoD layers rank vision tokens: auto (chosen on validation) | router (linear routers) | attention "
+        "How MoD layers rank vision tokens: auto (chosen with the schedule on the held-out rows) | router "
+        "(linear routers) | attention "
         "(each layer's own text-to-vision attention; its FLOPs are counted in the budget)."))] = "auto",
     layer_selection: Annotated[str, typer.Option(
         "--layer-selection", help="prd: the schedule's depth rule; arank: the lowest-ARank layers become MoD.")] = "prd",
@@ -71,7 +72,8 @@ def calibrate_cmd(
     from ..calibration import calibrate
 
     result = calibrate(
-        checkpoint, data, image_folder, out=out, target_flops=target_flops, target_kv=target_kv, schedule=schedule, scorer=scorer,
+        checkpoint, data, image_folder, out=out, target_flops=target_flops, target_kv=target_kv, schedule=schedule,
+        scorer=scorer,
         layer_selection=layer_selection, shape=shape, profile=profile, warm_start=warm_start, samples=samples,
         holdout=holdout, seed=seed, include_vision_tower=include_vision_tower, skip_bad_rows=skip_bad_rows,
         max_ratio=max_ratio, min_ratio=min_ratio, device=device, dtype=dtype, overwrite=overwrite, method=method,
