@@ -190,7 +190,7 @@ def save_pretrained(model: nn.Module, path: str | Path, *, source: str | Path | 
         raise CheckpointError("this model has no MoD layers; call pmod_convert.add_routers(model, recipe) first")
     if recipe is None:
         recipe = recipe_from_config(model.config.pmod)
-    sync_position_priors(model)
+    sync_router_settings(model)
     with atomic_folder(path, overwrite=overwrite, protect=() if source is None else (source,)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if source is not None:
@@ -199,7 +199,7 @@ def save_pretrained(model: nn.Module, path: str | Path, *, source: str | Path | 
     return Path(path)
 
 
-def sync_position_priors(model: nn.Module) -> None:
+def sync_router_settings(model: nn.Module) -> None:
     """Record the routers' position priors and scorers in ``model.config.pmod`` (``"position_prior"``,
     ``"scorer"``; each removed when every layer has the default, so such checkpoints stay as before); what
     ``load_pretrained`` restores."""

@@ -91,8 +91,8 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     model agrees best with the dense model on the held-out rows is kept. ``scorer``: how MoD layers rank vision
     tokens: ``"router"`` (the linear routers, warm-started), ``"attention"`` (each layer's own text-to-vision
     attention, :func:`pmod_convert.mod.scoring.own_attention_scores`; its cost is counted in the budget) or
-    ``"auto"`` (the default: both, chosen on the held-out rows with the schedule). The report's ``search`` section lists
-    every candidate's ratios, FLOPs and validation KL.
+    ``"auto"`` (the default: both, chosen on the held-out rows with the schedule). The report's ``search`` section
+    lists every candidate's ratios, the budget metric it reached, its held-out agreement and KL.
 
     ``layer_selection``: ``"prd"`` (the schedule's own depth rule) or ``"arank"`` (the lowest-ARank layers
     become MoD layers and get the lowest ratios). ``shape``: ``"cosine"`` (the family's curve) or
@@ -283,17 +283,13 @@ def calibrate(checkpoint: str | Path, data: str | Path, image_folder: str | Path
     recipe = Recipe(router=router, schedule=solution.settings, dtype=dtype or "auto").validate()
     add_routers(model, recipe)
     layers = adapter.decoder_layers(model)
-    _apply_candidate(layers, chosen, {}, adapter)
     agreement = {}
-    if references:
-        set_routers(layers, None)
-        set_layer_scorers(layers, None)
+    if references:  # the fresh conversion: zero routers, ranked by them (the first k vision tokens)
         agreement["zero_routers"] = _agreement(model, items, references, run_device, progress, "zero routers")
-        if warm_start or chosen.scorer != "router":
-            _apply_candidate(layers, chosen, fits, adapter)
-            agreement["warm_start"] = _agreement(model, items, references, run_device, progress, "warm start")
-    # save_pretrained records the routers' position priors and scorers
+    # what is saved (save_pretrained records the routers' position priors and scorers)
     _apply_candidate(layers, chosen, fits if warm_start else {}, adapter)
+    if references and (warm_start or chosen.scorer != "router"):
+        agreement["warm_start"] = _agreement(model, items, references, run_device, progress, "warm start")
 
     report = clean(_report(
         checkpoint=checkpoint, data=data, ids=ids, fit=fit, held=held, skipped=dataset.skipped + skipped,
@@ -479,7 +475,7 @@ def _solve_all(searched: list[Candidate], workload: Workload, budget_args: dict)
             first = first or exc
             continue
         losing = [row.layer for row in c.solution.estimate.layers
-                  if c.scorer == "attention" and row.ratio is not None and row.mod_flops > row.dense_flops]
+                  if row.ratio is not None and row.mod_flops > row.dense_flops] if c.scorer == "attention" else []
         if losing:  # the scorer would cost more than the layer saves (few vision tokens, ratio near 1)
             c.error = (f"with the attention scorer layers {losing} would cost more than their dense FLOPs at this "
                        "budget")

@@ -187,21 +187,41 @@ def text_query_attention(query: torch.Tensor, key: torch.Tensor, mask: torch.Ten
     (plain causal); queries: bool ``[batch, seq]``.
     """
     b, h, n, d = query.shape
-    keys = key.shape[2]
+    order, valid = query_rows(queries)
+    rows = torch.gather(query, 2, order[:, None, :, None].expand(b, h, order.shape[1], d))
+    return rows_attention(rows, order, valid, key, mask, scaling, n)
+
+
+def query_rows(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query positions of each row, first, padded to the longest row: ``(order, valid)``, both
+    ``[batch, width]`` (``order`` long positions; ``valid`` False for padding slots)."""
     width = max(int(queries.sum(1).max()), 1)
-    order = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :width]  # text query positions first
-    valid = torch.gather(queries, 1, order)  # [b, width]
-    q = torch.gather(query, 2, order[:, None, :, None].expand(b, h, width, d)).float()
+    order = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :width]
+    return order, torch.gather(queries, 1, order)
+
+
+def rows_attention(rows: torch.Tensor, order: torch.Tensor, valid: torch.Tensor, key: torch.Tensor,
+                   mask: torch.Tensor | None, scaling: float | None, seq: int) -> torch.Tensor:
+    """Mean attention over heads and the valid query rows, ``[batch, keys]`` float32.
+
+    ``rows`` ``[batch, heads, width, dim]``: post-RoPE queries at positions ``order`` ``[batch, width]`` of a
+    forward of ``seq`` tokens (``valid`` marks real rows); ``key`` ``[batch, kv_heads, keys, dim]``; ``mask`` the
+    kernel's 4-D mask over the ``seq`` query positions, or None (causal: a query sees every key up to its position;
+    with a cache, the queries are the last ``seq`` of the keys).
+    """
+    b, h, width, d = rows.shape
+    keys = key.shape[2]
+    q = rows.float()
     k = key.float().repeat_interleave(h // key.shape[1], dim=1)
     scores = q @ k.transpose(-1, -2) * (scaling if scaling is not None else d ** -0.5)  # [b, h, width, keys]
     if mask is None or mask.dim() != 4:
-        position = order + (keys - n)  # with a cache, queries are the last n of the keys
-        allowed = torch.arange(keys, device=query.device)[None, None, :] <= position[:, :, None]
+        position = order + (keys - seq)
+        allowed = torch.arange(keys, device=q.device)[None, None, :] <= position[:, :, None]
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     else:
-        rows = torch.gather(mask.expand(b, mask.shape[1], n, keys), 2,
-                            order[:, None, :, None].expand(b, mask.shape[1], width, keys))
-        scores = scores.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else scores + rows.float()
+        picked = torch.gather(mask.expand(b, mask.shape[1], seq, keys), 2,
+                              order[:, None, :, None].expand(b, mask.shape[1], width, keys))
+        scores = scores.masked_fill(~picked, float("-inf")) if picked.dtype == torch.bool else scores + picked.float()
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0) * valid[:, None, :, None]
     count = valid.sum(1).clamp_min(1).to(weights.dtype)
     return weights.sum(dim=(1, 2)) / (count[:, None] * h)
@@ -311,8 +331,8 @@ def own_attention_scores(layer: nn.Module, hidden_states: torch.Tensor, targets:
     if k_norm is not None:
         key = k_norm(key)
     key = key.transpose(1, 2)
-    width = max(int(queries.sum(1).max()), 1)
-    order = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :width]  # query positions first
+    order, valid = query_rows(queries)
+    width = order.shape[1]
     rows = torch.gather(x, 1, order[:, :, None].expand(batch, width, x.shape[-1]))
     query = attn.q_proj(rows).view(batch, width, -1, d)
     if q_norm is not None:
@@ -324,11 +344,7 @@ def own_attention_scores(layer: nn.Module, hidden_states: torch.Tensor, targets:
         cos_q, sin_q = (torch.gather(t.expand(batch, *t.shape[1:]), 1, pick) for t in (cos, sin))
         query = apply_rope(query, query, cos_q, sin_q)[0]
         key = apply_rope(key, key, cos, sin)[1]
-    # Full-size query tensor with the gathered rows at their positions, so text_query_attention's causal rule
-    # (or the mask rows) applies to each query's own position.
-    full = query.new_zeros(batch, query.shape[1], seq, d)
-    full.scatter_(2, order[:, None, :, None].expand(batch, query.shape[1], width, d), query)
-    return text_query_attention(full, key, attention_mask, queries, getattr(attn, "scaling", None))
+    return rows_attention(query, order, valid, key, attention_mask, getattr(attn, "scaling", None), seq)
 
 
 def _head_norm(attn: nn.Module, which: str) -> nn.Module | None:
