@@ -117,6 +117,9 @@ def check_pmod_section(config: dict, where: str | Path = "config.json") -> None:
                 s is not None and s not in SCORERS for s in scorers):
             raise CheckpointError(f"{where}: pmod.scorer must be a list with one of {', '.join(SCORERS)} (or null) "
                                   f"per layer ({len(ratios)}), got {str(scorers)[:60]}; the checkpoint is corrupt")
+        if any(s not in (None, "router") and r is None for s, r in zip(scorers, ratios)):
+            raise CheckpointError(f"{where}: pmod.scorer names a scorer for a dense layer (layer_ratios null); the "
+                                  "checkpoint is corrupt")
         if pmod.get("method", "pmod") != "pmod" and any(s not in (None, "router") for s in scorers):
             raise CheckpointError(f"{where}: pmod.scorer is set on a {pmod.get('method')} checkpoint, whose layers "
                                   "rank by their scoring layer's attention; the checkpoint is corrupt")

@@ -174,7 +174,8 @@ def test_scorer_survives_save_and_load_and_is_checked(tmp_path):
     assert json.loads(output)["estimate"]["mod_decoder_flops"] < scored_flops  # the scorer's cost is counted
     path = tmp_path / "ckpt" / "config.json"
     cfg = json.loads(path.read_text())
-    for bad in (["x", None, None, None], [None, "attention"], "attention"):
+    dense_layer = [None, "attention", "attention", "attention"]  # layer 3 is dense
+    for bad in (["x", None, None, None], [None, "attention"], "attention", dense_layer):
         cfg["pmod"]["scorer"] = bad
         path.write_text(json.dumps(cfg))
         with pytest.raises(CheckpointError, match="scorer"):
@@ -190,6 +191,8 @@ def test_a_layer_without_the_attention_structure_and_bad_arguments_are_refused()
         set_layer_scorers(layers, [None, "attention", None, None])
     with pytest.raises(PmodError, match="unknown scorer"):
         set_scorers(mod, [None, "oracle", None, None])
+    with pytest.raises(PmodError, match="dense layer"):  # layer 0 routes nothing
+        set_scorers(mod, ["attention", "attention", None, None])
     row = single_rows("llava", config)[0]
     for bad in ([3, 4], "5", True, 2.5):
         with pytest.raises(PmodError, match="pmod_score_query"):

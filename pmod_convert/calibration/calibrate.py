@@ -684,9 +684,10 @@ def _report(*, checkpoint, data, ids, fit, held, skipped, workload: Workload, so
                    "sweep": solution.sweep},
         "estimate": _estimate_dict(est),
         "schedule": asdict(solution.settings),
-        "search": {"chosen_by": ("KL(dense || MoD) on the held-out rows (the validation rows without any) at answer "
-                                 f"positions (every text position after the image below {MIN_ANSWER_POSITIONS} "
-                                 "answer tokens); each candidate's routers were chosen on the validation rows")
+        "search": {"chosen_by": ("KL(dense || MoD) on the held-out rows (on the validation rows when there are no "
+                                 "held-out rows) at answer positions (at every text position after the image below "
+                                 f"{MIN_ANSWER_POSITIONS} answer tokens); each candidate's routers were chosen on the "
+                                 "validation rows")
                    if any(c.validation_kl is not None for c in searched) else
                    "nothing measured (no held-out or validation rows): the first usable candidate",
                    "candidates": [c.to_dict() for c in searched]},

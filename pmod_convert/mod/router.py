@@ -141,6 +141,9 @@ def set_layer_scorers(layers, scorers, *, norm_name: str = "input_layernorm", ro
     for index, (layer, scorer) in enumerate(zip(layers, scorers)):
         router = getattr(layer, ROUTER_NAME, None)
         if router is None:
+            if scorer not in (None, "router"):
+                raise PmodError(f"layer {index} is a dense layer (it routes nothing); its scorer must be None, got "
+                                f"{scorer!r}")
             continue
         scorer = scorer or "router"
         if scorer not in SCORERS:
