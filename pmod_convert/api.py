@@ -220,12 +220,15 @@ def set_scorers(model: nn.Module, scorers) -> nn.Module:
     """Choose how each MoD layer of ``model`` ranks its vision tokens: ``scorers`` has one entry per decoder
     layer, ``"router"`` (its linear router, the default) / ``"attention"`` (its own text-to-vision attention,
     :func:`pmod_convert.mod.scoring.own_attention_scores`) / None (= router; dense layers take None), or is
-    None (every layer: router). ``save_pretrained`` records the choice in ``config.json`` ``pmod.scorer``.
+    None (every layer: router). ``model.config.pmod`` follows at once (so cost estimates of the model in memory,
+    e.g. ``bench``, count the scorer), and ``save_pretrained`` records it in ``config.json`` ``pmod.scorer``.
     Returns ``model``. Raises ``PmodError`` for a wrong length, an unknown scorer, or a layer whose attention the
     scorer cannot reproduce."""
     adapter = get_adapter(model)
     set_layer_scorers(adapter.decoder_layers(model), scorers, norm_name=adapter.input_norm,
                       rope=adapter.attention_rope)
+    if isinstance(getattr(model.config, "pmod", None), dict):
+        sync_router_settings(model)
     return model
 
 

@@ -166,6 +166,11 @@ def test_scorer_survives_save_and_load_and_is_checked(tmp_path):
     row = single_rows("llava", config)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**row).logits, mod(**row).logits)
+    assert loaded.config.pmod["scorer"] == [None, "attention", "attention", None]
+    set_scorers(loaded, None)
+    assert "scorer" not in loaded.config.pmod  # the config in memory follows at once (bench's estimate reads it)
+    set_scorers(loaded, [None, "attention", None, None])
+    assert loaded.config.pmod["scorer"] == [None, "attention", "router", None]
     set_scorers(loaded, None)
     save_pretrained(loaded, tmp_path / "none")
     assert "scorer" not in read_config(tmp_path / "none")["pmod"]
