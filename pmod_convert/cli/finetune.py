@@ -32,7 +32,7 @@ def finetune_cmd(
     strict: Annotated[bool | None, typer.Option("--strict/--no-strict", help="Exit 3 when no step beat the input on validation.")] = None,
     loss: Annotated[str | None, typer.Option("--loss", help="kl: distil the dense model (default) | ce: label cross-entropy | mix: kl + --ce-weight * ce.")] = None,
     ce_weight: Annotated[float | None, typer.Option("--ce-weight", help="Weight of the label cross-entropy in --loss mix (0.5).")] = None,
-    distill_temperature: Annotated[float | None, typer.Option("--distill-temperature", help="Softmax temperature of teacher and student in the distillation (4.0).")] = None,
+    distill_temperature: Annotated[float | None, typer.Option("--distill-temperature", help="Softmax temperature of teacher and student in the distillation (2.0).")] = None,
     distill_positions: Annotated[str | None, typer.Option("--distill-positions", help="answer: labelled positions (default) | text: every text position after the image.")] = None,
     router_rank_coef: Annotated[float | None, typer.Option("--router-rank-coef", help="Weight of the routers' ranking loss against the dense model's text-to-vision attention (1.0; 0 = off).")] = None,
     lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank (8); 0 trains the routers only.")] = None,
