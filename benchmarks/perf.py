@@ -41,7 +41,8 @@ from pathlib import Path
 class Row:
     shape: str
     batch_size: int
-    measure: str  # "prefill" | "routing overhead" | "decode, short context" | "decode, long context"
+    # "prefill" | "routing overhead" | "prefill, attention scorer" | "decode, short context" | "decode, long context"
+    measure: str
     vision_tokens: int
     text_tokens: int
     metric: str  # which ratio: "prefill time" (lower is better) or "decode tokens/s" (higher is better)

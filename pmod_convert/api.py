@@ -220,10 +220,11 @@ def set_scorers(model: nn.Module, scorers) -> nn.Module:
     """Choose how each MoD layer of ``model`` ranks its vision tokens: ``scorers`` has one entry per decoder
     layer, ``"router"`` (its linear router, the default) / ``"attention"`` (its own text-to-vision attention,
     :func:`pmod_convert.mod.scoring.own_attention_scores`) / None (= router; dense layers take None), or is
-    None (every layer: router). ``model.config.pmod`` follows at once (so cost estimates of the model in memory,
-    e.g. ``bench``, count the scorer), and ``save_pretrained`` records it in ``config.json`` ``pmod.scorer``.
-    Returns ``model``. Raises ``PmodError`` for a wrong length, an unknown scorer, or a layer whose attention the
-    scorer cannot reproduce."""
+    None (every layer: router). ``model.config.pmod`` follows at once (``sync_router_settings``: the scorers and
+    the routers' position priors, so cost estimates of the model in memory, e.g. ``bench``, count the scorer), and
+    ``save_pretrained`` records it in ``config.json`` ``pmod.scorer``. Returns ``model``. Raises ``PmodError``,
+    changing nothing, for anything but one entry per decoder layer, an unknown scorer, a scorer on a dense
+    layer, or a layer whose attention the scorer cannot reproduce."""
     adapter = get_adapter(model)
     set_layer_scorers(adapter.decoder_layers(model), scorers, norm_name=adapter.input_norm,
                       rope=adapter.attention_rope)

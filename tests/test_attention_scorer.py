@@ -198,6 +198,18 @@ def test_a_layer_without_the_attention_structure_and_bad_arguments_are_refused()
         set_scorers(mod, [None, "oracle", None, None])
     with pytest.raises(PmodError, match="dense layer"):  # layer 0 routes nothing
         set_scorers(mod, ["attention", "attention", None, None])
+    for bad in ("attention", 3):
+        with pytest.raises(PmodError, match="one entry per decoder layer"):
+            set_scorers(mod, bad)
+    # a bad entry after good ones changes nothing: not the layers, not config.pmod
+    _, two, _ = _attention_model(layers=(1, 2))
+    two_layers = adapter_by_family("llava").decoder_layers(two)
+    before = (layer_scorers(two_layers), dict(two.config.pmod))
+    with pytest.raises(PmodError, match="unknown scorer"):
+        set_scorers(two, [None, "router", "bogus", None])
+    with pytest.raises(PmodError, match="dense layer"):
+        set_scorers(two, [None, "router", "router", "attention"])
+    assert (layer_scorers(two_layers), dict(two.config.pmod)) == before
     row = single_rows("llava", config)[0]
     for bad in ([3, 4], "5", True, 2.5):
         with pytest.raises(PmodError, match="pmod_score_query"):

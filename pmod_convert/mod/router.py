@@ -128,16 +128,20 @@ def set_layer_scorers(layers, scorers, *, norm_name: str = "input_layernorm", ro
     ``norm_name``: the decoder layer's pre-attention norm (the adapter's ``input_norm``); ``rope``: a callable
     ``layer -> bool`` telling whether the layer's attention applies rotary embeddings (the adapter's
     ``attention_rope``), required when a layer gets ``"attention"`` (``pmod_convert.set_scorers`` passes both
-    from the model's adapter). Raises ``PmodError``
-    for a list without one entry per layer, an unknown scorer, or ``"attention"`` on a layer whose attention the
-    scorer cannot reproduce (:func:`pmod_convert.mod.scoring.attention_scorer_problem`).
+    from the model's adapter). Every entry is checked before any layer changes. Raises ``PmodError`` (and
+    changes nothing) for anything but a list with one entry per layer, an unknown scorer, a scorer on a dense
+    layer, or ``"attention"`` on a layer whose attention the scorer cannot reproduce
+    (:func:`pmod_convert.mod.scoring.attention_scorer_problem`).
     """
     from ..errors import PmodError
     from .scoring import SCORERS, attention_scorer_problem
 
+    if scorers is not None and (isinstance(scorers, (str, bytes)) or not hasattr(scorers, "__iter__")):
+        raise PmodError(f"scorers must be a list with one entry per decoder layer (or None), got {scorers!r}")
     scorers = list(scorers) if scorers is not None else [None] * len(layers)
     if len(scorers) != len(layers):
         raise PmodError(f"scorer has {len(scorers)} entries for {len(layers)} decoder layers")
+    plan = []  # every entry is checked before any layer changes: a bad entry leaves the model as it was
     for index, (layer, scorer) in enumerate(zip(layers, scorers)):
         router = getattr(layer, ROUTER_NAME, None)
         if router is None:
@@ -146,7 +150,7 @@ def set_layer_scorers(layers, scorers, *, norm_name: str = "input_layernorm", ro
                                 f"{scorer!r}")
             continue
         scorer = scorer or "router"
-        if scorer not in SCORERS:
+        if not isinstance(scorer, str) or scorer not in SCORERS:
             raise PmodError(f"layer {index}: unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
         if scorer == "attention":
             if rope is None:
@@ -155,6 +159,9 @@ def set_layer_scorers(layers, scorers, *, norm_name: str = "input_layernorm", ro
             problem = attention_scorer_problem(layer, norm_name)
             if problem is not None:
                 raise PmodError(f"layer {index} cannot rank vision tokens by its own attention: {problem}")
+        plan.append((layer, router, scorer, bool(rope(layer)) if scorer == "attention" else None))
+    for layer, router, scorer, uses_rope in plan:
+        if scorer == "attention":
             layer.pmod_input_norm = norm_name
-            layer.pmod_scorer_rope = bool(rope(layer))
+            layer.pmod_scorer_rope = uses_rope
         router.scorer = scorer

@@ -44,7 +44,7 @@ class FinetuneSettings:
     # Softmax temperature of teacher and student (loss scaled by T^2). 2, measured (docs/finetuning.md): a dense
     # model is near-certain on rows like its training data, so at T = 1 the KL there is ~1e-4 and says little;
     # softened, the teacher's margins carry the signal (object s3 at 0.55 FLOPs: 95.75 -> 98.25, dense 98.25).
-    # T = 4 did as well on 4 of 5 models and lost 1.5 points on the fifth.
+    # T = 4 did as well on 4 of 5 models and lost 1.25 points on the fifth (oddone s4: 96.25 -> 95.0).
     distill_temperature: float = 2.0
     distill_positions: str = "answer"  # answer: labelled positions; text: every text position after the image
     router_rank_coef: float = 1.0  # teacher-attention ranking loss on every router (0: off)
