@@ -371,3 +371,18 @@ def test_an_export_can_be_exported_again_and_recalibrated(exports, tmp_path):
     assert not {p.name for p in out.iterdir()} & set(DERIVED)
     assert (out / "tokenizer.json").is_file()
     load_pretrained(out)
+
+
+def test_4bit_on_cpu_with_a_width_bitsandbytes_cannot_run_is_one_line_and_writes_nothing(tmp_path):
+    # a user's model with hidden size 96 (as the accuracy benchmark's zoo models): bitsandbytes' CPU 4-bit matmul
+    # needs input widths that are multiples of its blocksize 64; the export must say so, not raise a traceback
+    save_tiny_checkpoint("llava", tmp_path / "dense", hidden_size=96, intermediate_size=192)
+    model = add_routers(load_dense(tmp_path / "dense"), Recipe(schedule=ScheduleSettings(kind="explicit", ratios=RATIOS)))
+    save_pretrained(model, tmp_path / "mod", source=tmp_path / "dense")
+    with pytest.raises(CheckpointError, match=r"multiple of 64.*\(e\.g\. .*: 96\).*--quantize int8.*nothing was written"):
+        export(tmp_path / "mod", tmp_path / "nf4", quantize="nf4", progress=False)
+    assert not (tmp_path / "nf4").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dense", "mod"]
+    result = runner.invoke(app, ["export", str(tmp_path / "mod"), "--out", str(tmp_path / "nf4"), "--quantize", "nf4"])
+    assert result.exit_code != 0 and "multiple of 64" in _error_line(result) and not (tmp_path / "nf4").exists()
+    report = export(tmp_path / "mod", tmp_path / "int8", quantize="int8", progress=False)  # the advice works
+    assert report.linears["quantized"] > 0

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 import yaml
 from ..progress import progress as tqdm  # ETA on a terminal, periodic lines when piped
 
@@ -29,6 +30,26 @@ from .settings import ExportSettings
 SETTINGS_FILE = EXPORT_SETTINGS
 
 
+# bitsandbytes' 4-bit CPU matmul reshapes each weight's absmax to [out, in // blocksize]: it needs in % 64 == 0
+BNB_4BIT_BLOCKSIZE = 64
+
+
+def _cannot_run(model, settings: ExportSettings, exc: RuntimeError) -> str:
+    """One line: the written model's check forward failed; name the 4-bit linears bitsandbytes' CPU path cannot
+    run (input width not a multiple of its blocksize) and what to do instead."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    odd = [(name, m.in_features) for name, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and type(m).__name__ == "Linear4bit"
+           and m.in_features % BNB_4BIT_BLOCKSIZE]
+    line = f"the exported --quantize {settings.quantize} model failed its check forward ({first})"
+    if odd:
+        name, width = odd[0]
+        line += (f": bitsandbytes' 4-bit CPU kernels need every quantized linear's input width to be a multiple of "
+                 f"{BNB_4BIT_BLOCKSIZE}, and {len(odd)} are not (e.g. {name}: {width}); export on a CUDA machine, "
+                 "use --quantize int8, or keep those modules unquantized with --skip-modules")
+    return line + "; nothing was written"
+
+
 def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", double_quant: bool = False,
            compute_dtype: str | None = None, skip_modules: Sequence[str] | None = None, overwrite: bool = False,
            check_inputs: Batch | Sequence[Batch] | None = None, progress: bool = True,
@@ -44,7 +65,8 @@ def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", d
 
     Raises:
         CheckpointError: CHECKPOINT is not a loadable unquantized pmod checkpoint (or is pickle-only), OUT
-            exists and may not be replaced, or the written model does not load.
+            exists and may not be replaced, or the written model does not load or run (e.g. 4-bit on CPU with a
+            linear whose input width is not a multiple of bitsandbytes' blocksize 64).
         RecipeError: invalid export settings or module names.
     """
     started = time.perf_counter()
@@ -81,8 +103,11 @@ def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", d
             recipe_from_config(pmod).save(tmp / "recipe.yaml")
             _step(steps, "checking the written model")
             exported = load_pretrained(tmp)  # exactly what users will load
-            with quiet_int8_casts():
-                deviation = logit_deviation(reference, model_logits(exported, batches), text)
+            try:
+                with quiet_int8_casts():
+                    deviation = logit_deviation(reference, model_logits(exported, batches), text)
+            except RuntimeError as exc:  # a kernel refused the written model: say why, write nothing
+                raise CheckpointError(_cannot_run(exported, settings, exc)) from None
             del exported
             # Written after the check: a folder with export settings must carry a manifest to load.
             (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(
