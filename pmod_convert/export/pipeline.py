@@ -7,7 +7,6 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import torch
 import yaml
 from ..progress import progress as tqdm  # ETA on a terminal, periodic lines when piped
 
@@ -18,7 +17,9 @@ from ..errors import CheckpointError
 from .compare import Batch, check_batches, logit_deviation, model_logits, text_positions
 from .manifest import EXPORT_SETTINGS, write_manifest
 from .quantize import (
+    BNB_4BIT_BLOCKSIZE,
     count_linears,
+    cpu_4bit_misfits,
     quantize_folder,
     quiet_int8_casts,
     resolve_skip_modules,
@@ -30,17 +31,11 @@ from .settings import ExportSettings
 SETTINGS_FILE = EXPORT_SETTINGS
 
 
-# bitsandbytes' 4-bit CPU matmul reshapes each weight's absmax to [out, in // blocksize]: it needs in % 64 == 0
-BNB_4BIT_BLOCKSIZE = 64
-
-
 def _cannot_run(model, settings: ExportSettings, exc: RuntimeError) -> str:
     """One line: the written model's check forward failed; name the 4-bit linears bitsandbytes' CPU path cannot
-    run (input width not a multiple of its blocksize) and what to do instead."""
+    run (``quantize.cpu_4bit_misfits``) and what to do instead."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    odd = [(name, m.in_features) for name, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear) and type(m).__name__ == "Linear4bit"
-           and m.in_features % BNB_4BIT_BLOCKSIZE]
+    odd = cpu_4bit_misfits(model)
     line = f"the exported --quantize {settings.quantize} model failed its check forward ({first})"
     if odd:
         name, width = odd[0]

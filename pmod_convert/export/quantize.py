@@ -59,6 +59,20 @@ def count_linears(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+# bitsandbytes' 4-bit CPU matmul reshapes each weight's absmax to [out, in // blocksize]: it needs in % 64 == 0
+BNB_4BIT_BLOCKSIZE = 64
+
+
+def cpu_4bit_misfits(model: nn.Module) -> list[tuple[str, int]]:
+    """``(name, input width)`` of the ``Linear4bit`` layers on the CPU that bitsandbytes' 4-bit CPU kernels cannot
+    run: input width not a multiple of ``BNB_4BIT_BLOCKSIZE`` (CUDA kernels have no such limit)."""
+    import bitsandbytes as bnb
+
+    return [(name, module.in_features) for name, module in model.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu"
+            and module.in_features % BNB_4BIT_BLOCKSIZE]
+
+
 @contextlib.contextmanager
 def quiet_int8_casts() -> Iterator[None]:
     """Mute bitsandbytes' per-call notice that LLM.int8 casts float32 inputs to float16 (one line per matmul)."""
