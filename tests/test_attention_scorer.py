@@ -198,7 +198,7 @@ def test_a_layer_without_the_attention_structure_and_bad_arguments_are_refused()
         set_scorers(mod, [None, "oracle", None, None])
     with pytest.raises(PmodError, match="dense layer"):  # layer 0 routes nothing
         set_scorers(mod, ["attention", "attention", None, None])
-    for bad in ("attention", 3):
+    for bad in ("attention", 3, {1: "attention"}):
         with pytest.raises(PmodError, match="one entry per decoder layer"):
             set_scorers(mod, bad)
     # a bad entry after good ones changes nothing: not the layers, not config.pmod

@@ -379,10 +379,13 @@ def test_4bit_on_cpu_with_a_width_bitsandbytes_cannot_run_is_one_line_and_writes
     save_tiny_checkpoint("llava", tmp_path / "dense", hidden_size=96, intermediate_size=192)
     model = add_routers(load_dense(tmp_path / "dense"), Recipe(schedule=ScheduleSettings(kind="explicit", ratios=RATIOS)))
     save_pretrained(model, tmp_path / "mod", source=tmp_path / "dense")
-    with pytest.raises(CheckpointError, match=r"multiple of 64.*\(e\.g\. .*: 96\).*--quantize int8.*nothing was written"):
+    with pytest.raises(CheckpointError, match=r"multiple of 64.*\(e\.g\. .*: 96\).*--quantize int8.*nothing was written") as err:
         export(tmp_path / "mod", tmp_path / "nf4", quantize="nf4", progress=False)
+    advice = str(err.value).split("--skip-modules ")[1].split(";")[0]  # the value the line tells the user to pass
     assert not (tmp_path / "nf4").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dense", "mod"]
     result = runner.invoke(app, ["export", str(tmp_path / "mod"), "--out", str(tmp_path / "nf4"), "--quantize", "nf4"])
     assert result.exit_code != 0 and "multiple of 64" in _error_line(result) and not (tmp_path / "nf4").exists()
     report = export(tmp_path / "mod", tmp_path / "int8", quantize="int8", progress=False)  # the advice works
     assert report.linears["quantized"] > 0
+    report = export(tmp_path / "mod", tmp_path / "nf4", quantize="nf4", skip_modules=advice.split(","), progress=False)
+    assert report.linears["quantized"] > 0 and (tmp_path / "nf4").exists()  # so does the --skip-modules value

@@ -31,9 +31,10 @@ from .settings import ExportSettings
 SETTINGS_FILE = EXPORT_SETTINGS
 
 
-def _cannot_run(model, settings: ExportSettings, exc: RuntimeError) -> str:
+def _cannot_run(model, settings: ExportSettings, exc: RuntimeError, skip: list[str]) -> str:
     """One line: the written model's check forward failed; name the 4-bit linears bitsandbytes' CPU path cannot
-    run (``quantize.cpu_4bit_misfits``) and what to do instead."""
+    run (``quantize.cpu_4bit_misfits``) and what to do instead: a complete ``--skip-modules`` value (``skip``, the
+    modules this export left unquantized, plus the misfits' layer names; the option replaces the defaults)."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     odd = cpu_4bit_misfits(model)
     line = f"the exported --quantize {settings.quantize} model failed its check forward ({first})"
@@ -41,7 +42,8 @@ def _cannot_run(model, settings: ExportSettings, exc: RuntimeError) -> str:
         name, width = odd[0]
         line += (f": bitsandbytes' 4-bit CPU kernels need every quantized linear's input width to be a multiple of "
                  f"{BNB_4BIT_BLOCKSIZE}, and {len(odd)} are not (e.g. {name}: {width}); export on a CUDA machine, "
-                 "use --quantize int8, or keep those modules unquantized with --skip-modules")
+                 f"use --quantize int8, or keep them unquantized: --skip-modules "
+                 f"{','.join(dict.fromkeys([*skip, *(n.rsplit('.', 1)[-1] for n, _ in odd)]))}")
     return line + "; nothing was written"
 
 
@@ -102,7 +104,7 @@ def export(checkpoint: str | Path, out: str | Path, *, quantize: str = "none", d
                 with quiet_int8_casts():
                     deviation = logit_deviation(reference, model_logits(exported, batches), text)
             except RuntimeError as exc:  # a kernel refused the written model: say why, write nothing
-                raise CheckpointError(_cannot_run(exported, settings, exc)) from None
+                raise CheckpointError(_cannot_run(exported, settings, exc, skip)) from None
             del exported
             # Written after the check: a folder with export settings must carry a manifest to load.
             (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(

@@ -136,11 +136,13 @@ def set_layer_scorers(layers, scorers, *, norm_name: str = "input_layernorm", ro
     from ..errors import PmodError
     from .scoring import SCORERS, attention_scorer_problem
 
-    if scorers is not None and (isinstance(scorers, (str, bytes)) or not hasattr(scorers, "__iter__")):
-        raise PmodError(f"scorers must be a list with one entry per decoder layer (or None), got {scorers!r}")
+    if scorers is not None and (isinstance(scorers, (str, bytes, dict, set, frozenset))
+                                or not hasattr(scorers, "__iter__")):
+        raise PmodError(f"scorers must be a sequence with one entry per decoder layer (or None), got "
+                        f"{type(scorers).__name__} {str(scorers)[:40]}")
     scorers = list(scorers) if scorers is not None else [None] * len(layers)
     if len(scorers) != len(layers):
-        raise PmodError(f"scorer has {len(scorers)} entries for {len(layers)} decoder layers")
+        raise PmodError(f"scorers has {len(scorers)} entry(ies) for {len(layers)} decoder layers; give one per layer")
     plan = []  # every entry is checked before any layer changes: a bad entry leaves the model as it was
     for index, (layer, scorer) in enumerate(zip(layers, scorers)):
         router = getattr(layer, ROUTER_NAME, None)

@@ -400,7 +400,8 @@ class TrainingLoop:
         what = "gradient norm" if all(math.isfinite(v) for v in totals) else "loss"
         raise RecipeError(f"training stopped at step {step}: the {what} is not finite "
                           f"(loss sums {totals[0]:.4g} CE / {totals[4]:.4g} KL, gradient norm {grad_norm:.4g}); "
-                          f"no output was written and {where}; lower --lr / --router-lr or check the data")
+                          f"no output was written and {where}; lower --lr / --router-lr (or --distill-temperature, "
+                          f"now {self.settings.distill_temperature:g}) or check the data")
 
     def _save(self, step: int, epoch: int, train_seconds: float, tokens_seen: int) -> None:
         acc = self.accelerator
