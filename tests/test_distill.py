@@ -19,7 +19,13 @@ from pmod_convert.evaluation.evaluate import answer_samples
 from pmod_convert.training import REPORT_DIR, FinetuneSettings, finetune
 from pmod_convert.training.data import load_training_data, split_validation
 from pmod_convert.training.distill import Teacher
-from pmod_convert.training.losses import distill_loss_sum, distill_positions, router_rank_loss
+from pmod_convert.training.losses import (
+    distill_loss_sum,
+    distill_positions,
+    lm_loss_sum,
+    logit_positions,
+    router_rank_loss,
+)
 from pmod_convert.training.lora import load_base, prepare_for_training
 
 MOD_LAYERS = [1, 2, 3]
@@ -98,6 +104,57 @@ def test_distillation_losses():
     p = torch.log_softmax(teacher[0, 2:4] / 2, -1)
     q = torch.log_softmax(student[0, 2:4].detach() / 2, -1)
     assert float(kl) == pytest.approx(float(4 * (p.exp() * (p - q)).sum()), rel=1e-5)
+
+
+def test_losses_on_the_kept_logits_equal_the_full_logits():
+    """``logits_to_keep`` rows (what the training step now asks the model for) give the same CE and KL, and
+    the same gradients, as gathering from the full ``[batch, seq, vocab]`` logits; padding and rows without
+    an answer included."""
+    torch.manual_seed(0)
+    labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 5, 6, IGNORE], [IGNORE, IGNORE, 3, IGNORE, IGNORE, IGNORE],
+                           [IGNORE] * 6])
+    ids = torch.tensor([[1, 9, 9, 2, 5, 6], [1, 9, 2, 3, 0, 0], [1, 9, 9, 4, 4, 4]])
+    mask = (ids != 0).long()
+    for which in ("answer", "text"):
+        where = distill_positions(labels, ids, mask, [9], which)
+        kept = logit_positions(labels, where)
+        assert not bool(kept[:, -1].any()) and bool((kept[:, :-1] >= where).all())
+        full = torch.randn(3, 6, 11, requires_grad=True)
+        teacher = torch.randn(3, 6, 11)
+        rows = full[kept]  # what slice_logits_to_keep hands the lm_head: row-major
+        ce_a, n_a = lm_loss_sum(full, labels)
+        ce_b, n_b = lm_loss_sum(rows, labels, kept)
+        kl_a, m_a = distill_loss_sum(full, teacher, where, 2.0)
+        kl_b, m_b = distill_loss_sum(rows, teacher[:, :-1][where], where, 2.0, kept)
+        assert (n_a, m_a) == (n_b, m_b) and n_a == 3
+        torch.testing.assert_close(ce_a, ce_b)
+        torch.testing.assert_close(kl_a, kl_b)
+        g_a, = torch.autograd.grad(ce_a + kl_a, full)
+        g_b, = torch.autograd.grad(ce_b + kl_b, full)
+        torch.testing.assert_close(g_a, g_b)
+    with pytest.raises(ValueError, match="outside the kept logits"):
+        distill_loss_sum(full[kept], teacher[:, :-1][where], where, 1.0, logit_positions(labels))
+
+
+def test_teacher_and_student_logits_at_kept_positions_equal_the_full_forward(ws):
+    """The real model's ``logits_to_keep`` mask (student: MoD routing on; teacher: dense) returns exactly the
+    rows of its full forward at those positions, in the order the losses read them."""
+    s = FinetuneSettings(lora_r=4)
+    model = prepare_for_training(load_base(ws / "mod", s), s).eval()
+    enc, _, batch = _batch(ws)
+    inputs = model_inputs(batch)
+    where = distill_positions(batch["labels"], batch["input_ids"], batch["attention_mask"], sorted(enc.vision_ids),
+                              "text")
+    kept = logit_positions(batch["labels"], where)
+    teacher = Teacher(model, sorted(enc.vision_ids))
+    with torch.no_grad():
+        full = model(**inputs).logits
+        rows = model(**inputs, logits_to_keep=kept).logits
+        dense_full = teacher.forward(inputs)
+        dense_rows = teacher.forward(inputs, where)
+    assert rows.shape == (int(kept.sum()), full.shape[-1])
+    torch.testing.assert_close(rows, full[kept], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_rows, dense_full[:, :-1][where], atol=1e-5, rtol=1e-5)
 
 
 def test_router_rank_loss_follows_the_order_of_the_teacher_attention():

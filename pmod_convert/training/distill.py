@@ -112,11 +112,18 @@ class Teacher:
         return capture
 
     @torch.no_grad()
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, inputs: dict[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
         """Dense logits ``[batch, seq, vocab]`` for ``inputs`` (``model_inputs`` of a batch, on the device).
 
-        With ``attention=True``, :attr:`received` then maps each MoD layer index to ``[batch, seq]``.
+        ``positions`` (bool ``[batch, seq - 1]``, as ``losses.distill_positions``): only the logits there,
+        ``[positions, vocab]`` in row-major order (the model's ``logits_to_keep``; the ``lm_head`` projection
+        of every other position is skipped). With ``attention=True``, :attr:`received` then maps each MoD
+        layer index to ``[batch, seq]``.
         """
+        if positions is not None:
+            keep = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+            keep[:, :-1] = positions
+            inputs = {**inputs, "logits_to_keep": keep}
         from ..mod.context import routing_disabled
 
         self.received = {}

@@ -48,6 +48,7 @@ from .losses import (
     distill_loss_sum,
     distill_positions,
     lm_loss_sum,
+    logit_positions,
     rank_terms,
     router_aux_loss,
     router_rank_loss,
@@ -105,19 +106,25 @@ def forward_backward(model: nn.Module, micro_batches: Sequence[dict], settings: 
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if (last or accelerator is None) else accelerator.no_sync(model)
         inputs = model_inputs(batch)
-        teacher_logits = teacher.forward(inputs) if teacher is not None else None
+        distilled = teacher is not None and scales.kl > 0
+        where = distill_positions(batch["labels"], batch["input_ids"], batch["attention_mask"], vision_ids,
+                                  settings.distill_positions) if distilled else None
+        # logits only where a loss reads them (answer / distilled positions): no lm_head on prompt and image
+        kept = logit_positions(batch["labels"], where)
+        # (a teacher kept only for the ranking targets computes no logits: an empty selection)
+        teacher_logits = None if teacher is None else teacher.forward(
+            inputs, where if where is not None else torch.zeros_like(kept[:, :-1]))
         if text_routing is not None:
             text_routing.set_batch(batch["instruction_mask"], batch["attention_mask"])
         with sync:
             recording = taps.record() if taps is not None else contextlib.nullcontext()
             with recording:
-                out = model(**routed_model_inputs(batch), use_cache=False)
-            lm_sum, count = lm_loss_sum(out.logits, batch["labels"])
+                out = model(**routed_model_inputs(batch), use_cache=False, logits_to_keep=kept)
+            lm_sum, count = lm_loss_sum(out.logits, batch["labels"], kept)
             loss = lm_sum * scales.ce
-            if teacher_logits is not None and scales.kl > 0:
-                where = distill_positions(batch["labels"], batch["input_ids"], batch["attention_mask"], vision_ids,
-                                          settings.distill_positions)
-                kl_sum, n_kl = distill_loss_sum(out.logits, teacher_logits, where, settings.distill_temperature)
+            if distilled:
+                kl_sum, n_kl = distill_loss_sum(out.logits, teacher_logits, where, settings.distill_temperature,
+                                                kept)
                 loss = loss + kl_sum * scales.kl
                 result.kl_sum += float(kl_sum.detach())
                 result.distill_tokens += n_kl

@@ -31,6 +31,7 @@ from ..data import IGNORE, collate, model_inputs, routed_model_inputs
 from ..devices import to_device
 from ..evaluation.evaluate import answer_samples
 from .data import PADDING_SIDE, TrainingData
+from .losses import logit_positions
 
 
 @dataclass
@@ -84,9 +85,9 @@ class Validator:
         ]
         self.references: list[torch.Tensor] = []  # per batch: dense log-probs [n_answer, vocab] (CPU)
         for batch in self.batches:
-            logits = teacher.forward(to_device(model_inputs(batch), device))
-            chosen = batch["labels"][:, 1:] != IGNORE
-            self.references.append(torch.log_softmax(logits[:, :-1][chosen.to(logits.device)].float(), -1).cpu())
+            chosen = (batch["labels"][:, 1:] != IGNORE).to(device)
+            logits = teacher.forward(to_device(model_inputs(batch), device), chosen)  # [answer tokens, vocab]
+            self.references.append(torch.log_softmax(logits.float(), -1).cpu())
         from ..mod.context import routing_disabled
 
         with routing_disabled(teacher.bare):
@@ -110,10 +111,11 @@ class Validator:
         count = 0
         try:
             for batch, reference in zip(self.batches, self.references):
-                logits = model(**to_device(routed_model_inputs(batch), self.device), use_cache=False).logits
+                kept = logit_positions(batch["labels"]).to(self.device)  # logits of the answer positions only
+                picked = model(**to_device(routed_model_inputs(batch), self.device), use_cache=False,
+                               logits_to_keep=kept).logits.float().cpu()
                 labels = batch["labels"][:, 1:]
                 chosen = labels != IGNORE
-                picked = logits[:, :-1][chosen.to(logits.device)].float().cpu()
                 if picked.shape[0] == 0:
                     continue
                 logp = torch.log_softmax(picked, -1)
