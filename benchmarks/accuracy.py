@@ -12,8 +12,8 @@ For every zoo task and seed, through pmod_convert's public Python API only:
 
 Prints one table (model, variant, FLOPs budget, measured decoder FLOPs ratio, accuracy mean +- spread over
 seeds, delta vs dense in accuracy points, blind baseline) and writes ``report.json`` and ``accuracy_vs_flops.png``
-under ``--out``. Results of finished steps are kept in ``<out>/runs/.../result.json`` and reused when the
-command is run again, so an interrupted run resumes. A failing API call is recorded in the report (with its
+under ``--out``. Checkpoints and results of finished steps are kept under ``<out>/runs/`` and reused when the
+command is run again (so an interrupted run resumes); an evaluation is cached per test set. A failing API call is recorded in the report (with its
 traceback) and the run goes on.
 
     python benchmarks/accuracy.py --out bench-accuracy                # 2 tasks x 3 seeds x 2 budgets
@@ -40,6 +40,10 @@ import vlm_zoo  # noqa: E402
 FINETUNE_ROWS = 1000  # training rows given to finetune at most
 SMALL_FINETUNE_STEPS = 8  # optimizer steps of a --small finetune
 SMALL_EVAL_ROWS = 64  # test rows evaluated in --small mode
+# test questions per model: the zoo's 400-row split plus 1,600 new ones (vlm_zoo.extra_test). With 400, one
+# question is 0.25 point and the paired finetuned-vs-dense difference has a standard error of ~0.9 point at 3%
+# disagreement, coarser than issue 10's 0.5-point criterion; with 2,000, ~0.4 point per model.
+TEST_ROWS = 2000
 
 
 def _log(msg: str) -> None:
@@ -80,31 +84,74 @@ def _eval(checkpoint: Path | str, meta: dict, test: Path) -> dict:
             "kv_ratio": s.kv_ratio, "layer_ratios": s.layer_ratios}
 
 
+def _step(result: Path, folder: Path, fn: Callable[[], dict]) -> dict:
+    """``fn()`` writes the checkpoint ``folder`` and returns what to keep of it; cached at ``result`` (JSON).
+
+    The cached result is reused only while ``folder`` still holds that step's output: a marker next to it
+    (``<folder>.step``) names the result file of the step that wrote it last (folders are shared by the
+    settings a budget is run with, so a later run with other settings may have replaced the weights).
+    """
+    marker = folder.with_name(folder.name + ".step")
+    if result.exists() and folder.exists() and marker.exists() and marker.read_text() == result.name:
+        return json.loads(result.read_text())
+    result.unlink(missing_ok=True)
+    r = _cached(result, fn)
+    if "error" not in r:
+        marker.write_text(result.name)
+    return r
+
+
+def _evaluated(step: dict, result: Path, checkpoint: Path | str, meta: dict, test: Path, test_key: str) -> dict:
+    """``step`` plus the accuracy of ``checkpoint`` on ``test``, cached per step and test set."""
+    if "error" in step:
+        return step
+    r = _cached(result.with_name(f"{result.stem}-{test_key}.json"), lambda: _eval(checkpoint, meta, test))
+    return {**step, **r, "seconds": step.get("seconds", 0.0) + r.get("seconds", 0.0)}
+
+
+def test_split(meta: dict, work: Path, rows: int | None) -> tuple[Path, str]:
+    """The test set of a run and its cache key: the first ``rows`` of the 400-row test split when ``rows`` is at
+    most 400, else the split extended by ``vlm_zoo.extra_test`` (new questions from the same generator)."""
+    n = len(json.loads(Path(meta["test"]).read_text()))
+    if rows is None or rows > n:
+        test = Path(vlm_zoo.extra_test(meta, rows)) if rows is not None else Path(meta["test"])
+    else:
+        test = Path(meta["test"]) if rows == n else _subset(meta["test"], work / f"test-{rows}.json", rows)
+    digest = hashlib.sha256(test.read_bytes()).hexdigest()[:8]
+    return test, f"test{len(json.loads(test.read_text()))}-{digest}"
+
+
 def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_rows: int | None = None,
             finetune_steps: int | None = None, calib_samples: int = 128,
             baselines: tuple[str, ...] = ("fastv", "pdrop")) -> list[dict]:
     """All variants of one zoo model (one task, one seed). Returns result rows (accuracy as fractions).
 
     ``baselines``: training-free pruning methods (``calibrate --method``) evaluated at the same budgets.
+    ``eval_rows``: test questions (default ``TEST_ROWS``: the 400-row split extended by new questions from the
+    same generator, ``vlm_zoo.extra_test``; at most 400: the first rows of the split).
 
     ``small``: the CI-sized path (``SMALL_EVAL_ROWS`` test rows, ``SMALL_FINETUNE_STEPS`` finetune steps on 64
     rows); ``eval_rows`` / ``finetune_steps`` override those sizes (tests); ``calib_samples``: calibration rows.
+    Checkpoints and results are cached under ``work``: a step reruns when its settings or the code that
+    decides it change, an evaluation when the test set changes.
     """
     import pmod_convert
 
     work.mkdir(parents=True, exist_ok=True)
-    eval_rows = eval_rows if eval_rows is not None else (SMALL_EVAL_ROWS if small else None)
+    eval_rows = eval_rows if eval_rows is not None else (SMALL_EVAL_ROWS if small else TEST_ROWS)
     finetune_steps = finetune_steps if finetune_steps is not None else (SMALL_FINETUNE_STEPS if small else None)
-    test = Path(meta["test"]) if eval_rows is None else _subset(meta["test"], work / "test-subset.json", eval_rows)
+    test, test_key = test_split(meta, work, eval_rows)
     train = _subset(meta["train"], work / "finetune-train.json", FINETUNE_ROWS if not small else 64)
-    base = {"task": meta["task"], "seed": meta["seed"], "blind_accuracy": meta["blind_accuracy"]}
+    base = {"task": meta["task"], "seed": meta["seed"], "blind_accuracy": meta["blind_accuracy"],
+            "test_set": test_key}
     rows = []
-    _log(f"{meta['task']} seed {meta['seed']}: dense eval")
-    r = _cached(work / "dense" / "result.json", lambda: _eval(meta["checkpoint"], meta, test))
+    _log(f"{meta['task']} seed {meta['seed']}: dense eval ({test_key})")
+    r = _cached(work / "dense" / f"{test_key}.json", lambda: _eval(meta["checkpoint"], meta, test))
     rows.append({**base, "variant": "dense", "budget": 1.0, **r})
     _log(f"    dense accuracy {r.get('accuracy')}")
 
     converted = work / "converted"
+    cal_key = calibrate_key()
     for budget in budgets:
         tag = f"{budget:.2f}"
         calibrated = work / f"calibrated-{tag}"
@@ -117,24 +164,27 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
             res = pmod_convert.calibrate(converted, meta["calib"], meta["image_folder"], out=calibrated,
                                          target_flops=budget, samples=min(calib_samples, n_calib), overwrite=True,
                                          progress=False)
-            return {"calibrated_ratios": res.ratios, **_eval(calibrated, meta, test)}
+            return {"calibrated_ratios": res.ratios}
 
         for method in baselines:
-            def do_baseline(method: str = method) -> dict:
+            folder = work / f"{method}-{tag}"
+
+            def do_baseline(method: str = method, folder: Path = folder) -> dict:
                 n_calib = len(json.loads(Path(meta["calib"]).read_text()))
-                folder = work / f"{method}-{tag}"
                 res = pmod_convert.calibrate(meta["checkpoint"], meta["calib"], meta["image_folder"], out=folder,
                                              target_flops=budget, samples=min(calib_samples, n_calib),
                                              overwrite=True, progress=False, method=method)
-                return {"calibrated_ratios": res.ratios, **_eval(folder, meta, test)}
+                return {"calibrated_ratios": res.ratios}
 
             _log(f"{meta['task']} seed {meta['seed']}: {method} at {tag} FLOPs (training-free baseline), eval")
-            r = _cached(work / f"{method}-{tag}.json", do_baseline)
+            result = work / f"{method}-{tag}-{cal_key}-step.json"
+            r = _evaluated(_step(result, folder, do_baseline), result, folder, meta, test, test_key)
             rows.append({**base, "variant": method, "budget": budget, **r})
             _log(f"    {method} accuracy {r.get('accuracy')} (decoder FLOPs {r.get('decoder_flops_ratio')})")
 
         _log(f"{meta['task']} seed {meta['seed']}: convert + calibrate to {tag} FLOPs, eval")
-        r = _cached(work / f"calibrated-{tag}-{calibrate_key()}.json", do_calibrate)
+        cal_result = work / f"calibrated-{tag}-{cal_key}-step.json"
+        r = _evaluated(_step(cal_result, calibrated, do_calibrate), cal_result, calibrated, meta, test, test_key)
         rows.append({**base, "variant": "calibrated", "budget": budget, **r})
         _log(f"    calibrated accuracy {r.get('accuracy')} (decoder FLOPs {r.get('decoder_flops_ratio')})")
         if "error" in r:
@@ -147,18 +197,20 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
             summary = pmod_convert.finetune(calibrated, train, meta["image_folder"], out=finetuned,
                                             settings=settings, overwrite=True, show_progress=False)
             keep = {k: summary.get(k) for k in ("steps", "wall_seconds", "best_step") if k in summary}
-            return {"finetune": keep, "finetune_settings": settings.to_dict(), **_eval(finetuned, meta, test)}
+            return {"finetune": keep, "finetune_settings": settings.to_dict()}
 
         _log(f"{meta['task']} seed {meta['seed']}: finetune at {tag} FLOPs (default settings, "
              f"{'small' if small else f'<= {FINETUNE_ROWS} rows'}), eval")
         # keyed by the settings: when the library's defaults change, the finetune runs again
-        # (and by the rules that size a None setting from the data: the epochs for a few epoch lengths)
+        # (and by the rules that size a None setting from the data: the epochs for a few epoch lengths),
+        # and by the calibrated checkpoint it starts from
         defaults = pmod_convert.FinetuneSettings()
         sized = {"epochs_for": [defaults.epochs_for(n) for n in (10, 30, 60, 120, 400)]}
-        settings_key = hashlib.sha256(json.dumps([defaults.to_dict(), sized], sort_keys=True,
+        settings_key = hashlib.sha256(json.dumps([defaults.to_dict(), sized, cal_result.name], sort_keys=True,
                                                  default=str).encode()).hexdigest()[:8]
-        r = _cached(work / f"finetuned-{tag}-{calibrate_key()}-{settings_key}"
-                           f"{'-' + str(finetune_steps) if finetune_steps else ''}.json", do_finetune)
+        result = work / (f"finetuned-{tag}-{cal_key}-{settings_key}"
+                         f"{'-' + str(finetune_steps) if finetune_steps else ''}-step.json")
+        r = _evaluated(_step(result, finetuned, do_finetune), result, finetuned, meta, test, test_key)
         rows.append({**base, "variant": "finetuned", "budget": budget, **r})
         _log(f"    finetuned accuracy {r.get('accuracy')}")
     return rows
@@ -265,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"CI-sized: 1 seed, {SMALL_EVAL_ROWS} test rows, {SMALL_FINETUNE_STEPS} finetune steps")
     parser.add_argument("--models", nargs="+", default=None, metavar="TASK:SEED",
                         help="exact zoo models, e.g. oddone:0 oddone:1 object:2 (instead of --tasks x --seeds)")
+    parser.add_argument("--test-rows", type=int, default=None,
+                        help=f"test questions per model (default {TEST_ROWS}: the 400-row split plus new ones from "
+                             f"the same generator; --small: {SMALL_EVAL_ROWS})")
     parser.add_argument("--baselines", nargs="*", default=["fastv", "pdrop"], choices=["fastv", "pdrop"],
                         help="training-free pruning baselines evaluated at the same budgets (none: skip)")
     args = parser.parse_args(argv)
@@ -288,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         models.append({k: meta[k] for k in ("task", "seed", "architecture", "checkpoint", "dense_accuracy",
                                             "blind_accuracy", "train_seconds")})
         rows += run_one(meta, args.budgets, out / "runs" / ("small" if args.small else "full") / meta["key"],
-                        args.small, baselines=tuple(args.baselines))
+                        args.small, baselines=tuple(args.baselines), eval_rows=args.test_rows)
     summary = aggregate(rows)
     text = table(summary)
     print(text)

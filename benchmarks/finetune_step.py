@@ -100,6 +100,66 @@ class _null:
         return None
 
 
+def measure(*, shape: str = "small", image_size: int = 336, patch: int = 14, text_tokens: int = 96,
+            answer_tokens: int = 48, batch_size: int = 1, settings: FinetuneSettings, warmup: int = 2,
+            repeats: int = 4, max_repeats: int | None = None, target_spread: float | None = None) -> dict:
+    """MoD / dense LoRA finetune step time, in alternating pairs on the same batches.
+
+    Every pair is one step of each model on one batch (order swapped every pair); its ratio is MoD wall
+    seconds / dense wall seconds. ``warmup`` pairs are not measured; then at least ``repeats`` pairs and, while
+    the relative spread (q3 - q1) / median of the pair ratios is above ``target_spread``, more, up to
+    ``max_repeats``. Returns the figures as a dict (wall and process CPU seconds per step, the pair ratios and
+    their spread, ``settled``, and the analytic forward decoder FLOPs ratio of the schedule).
+    """
+    from pmod_convert.bench import ratio_spread
+
+    max_repeats = max(repeats, max_repeats or repeats)
+    models, config = build_models(shape, image_size, patch, settings)
+    optimizers = {name: build_optimizer(m, settings, total_steps=1000)[0] for name, m in models.items()}
+    batches = make_batches(config, warmup + max_repeats, batch_size, text_tokens, answer_tokens)
+    n_vision = int((batches[0]["input_ids"][0] == config.image_token_id).sum())
+    vision_ids = [config.image_token_id]
+    teacher = (Teacher(models["mod"], vision_ids, attention=settings.router_rank_coef > 0)
+               if settings.loss != "ce" else None)
+
+    times: dict[str, list[float]] = {"dense": [], "mod": []}
+    cpu: dict[str, list[float]] = {"dense": [], "mod": []}
+    pairs: list[float] = []
+    settled = None
+    for i, batch in enumerate(batches):
+        order = ("dense", "mod") if i % 2 == 0 else ("mod", "dense")
+        wall = {}
+        for name in order:
+            wall[name], cpu_s = step(models[name], optimizers[name], batch, settings,
+                                     teacher=teacher if name == "mod" else None, vision_ids=vision_ids)
+            if i >= warmup:
+                times[name].append(wall[name])
+                cpu[name].append(cpu_s)
+        if i >= warmup:
+            pairs.append(wall["mod"] / wall["dense"])
+            if len(pairs) >= repeats:
+                settled = target_spread is None or ratio_spread(pairs)["rel_spread"] <= target_spread
+                if settled:
+                    break
+
+    ratios = models["mod"].config.pmod["layer_ratios"]
+    est = estimate(TextShape.from_config(config), ratios, n_vision, text_tokens + 1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {
+        "shape": shape, "layers": config.text_config.num_hidden_layers, "hidden": config.text_config.hidden_size,
+        "vision_tokens": n_vision, "text_tokens": text_tokens + 1, "batch_size": batch_size,
+        "mod_layers": sum(r is not None for r in ratios), "ratios": [None if r is None else round(r, 3) for r in ratios],
+        "gradient_checkpointing": settings.gradient_checkpointing, "threads": torch.get_num_threads(),
+        "dense_step_s": med["dense"], "mod_step_s": med["mod"], "step_time_ratio": med["mod"] / med["dense"],
+        "dense_cpu_s": med_cpu["dense"], "mod_cpu_s": med_cpu["mod"], "cpu_time_ratio": med_cpu["mod"] / med_cpu["dense"],
+        "pair_ratios": [round(x, 4) for x in pairs], "spread": ratio_spread(pairs), "settled": settled is not False,
+        "wall_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "forward_decoder_flops_ratio": est.decoder_flops_ratio, "steps": len(pairs), "mod_loss": settings.loss,
+        "router_rank_coef": settings.router_rank_coef, "teacher": teacher is not None,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -108,7 +168,9 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=96)
     p.add_argument("--answer-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=8, help="measured steps per model")
+    p.add_argument("--steps", type=int, default=8, help="measured steps per model (alternating pairs) at least")
+    p.add_argument("--max-steps", type=int, default=None, help="more pairs, up to this, until --target-spread")
+    p.add_argument("--target-spread", type=float, default=None, help="relative spread (q3 - q1) / median to reach")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per model first")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -125,54 +187,29 @@ def main() -> None:
     settings = FinetuneSettings(lora_r=args.lora_r, lora_dropout=0.0, gradient_checkpointing=args.gradient_checkpointing,
                                 router_aux_coef=args.router_aux_coef, route_text=args.route_text, loss=args.loss,
                                 router_rank_coef=args.router_rank_coef).validate()
-    models, config = build_models(args.shape, args.image_size, args.patch, settings)
-    optimizers = {name: build_optimizer(m, settings, total_steps=1000)[0] for name, m in models.items()}
-    batches = make_batches(config, args.warmup + args.steps, args.batch_size, args.text_tokens, args.answer_tokens)
-    n_vision = int((batches[0]["input_ids"][0] == config.image_token_id).sum())
-    vision_ids = [config.image_token_id]
-    teacher = Teacher(models["mod"], vision_ids, attention=args.router_rank_coef > 0) if args.loss == "kl" else None
-
-    times: dict[str, list[float]] = {"dense": [], "mod": []}
-    cpu: dict[str, list[float]] = {"dense": [], "mod": []}
-    for i, batch in enumerate(batches):
-        order = ("dense", "mod") if i % 2 == 0 else ("mod", "dense")
-        for name in order:
-            wall, cpu_s = step(models[name], optimizers[name], batch, settings,
-                               teacher=teacher if name == "mod" else None, vision_ids=vision_ids)
-            if i >= args.warmup:
-                times[name].append(wall)
-                cpu[name].append(cpu_s)
-
-    ratios = models["mod"].config.pmod["layer_ratios"]
-    est = estimate(TextShape.from_config(config), ratios, n_vision, args.text_tokens + 1)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    result = {
-        "shape": args.shape, "layers": config.text_config.num_hidden_layers, "hidden": config.text_config.hidden_size,
-        "vision_tokens": n_vision, "text_tokens": args.text_tokens + 1, "batch_size": args.batch_size,
-        "mod_layers": sum(r is not None for r in ratios), "ratios": [None if r is None else round(r, 3) for r in ratios],
-        "gradient_checkpointing": args.gradient_checkpointing, "threads": torch.get_num_threads(),
-        "dense_step_s": med["dense"], "mod_step_s": med["mod"], "step_time_ratio": med["mod"] / med["dense"],
-        "dense_cpu_s": med_cpu["dense"], "mod_cpu_s": med_cpu["mod"], "cpu_time_ratio": med_cpu["mod"] / med_cpu["dense"],
-        "wall_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
-        "forward_decoder_flops_ratio": est.decoder_flops_ratio, "steps": args.steps, "mod_loss": args.loss,
-        "router_rank_coef": args.router_rank_coef,
-    }
+    result = measure(shape=args.shape, image_size=args.image_size, patch=args.patch, text_tokens=args.text_tokens,
+                     answer_tokens=args.answer_tokens, batch_size=args.batch_size, settings=settings,
+                     warmup=args.warmup, repeats=args.steps, max_repeats=args.max_steps,
+                     target_spread=args.target_spread)
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    med = {"dense": result["dense_step_s"], "mod": result["mod_step_s"]}
+    med_cpu = {"dense": result["dense_cpu_s"], "mod": result["mod_cpu_s"]}
+    sp = result["spread"]
     print(f"LLaVA-like decoder {args.shape}: {result['layers']} layers x hidden {result['hidden']}, "
-          f"{n_vision} vision + {result['text_tokens']} text tokens, batch {args.batch_size}, LoRA r {args.lora_r}, "
-          f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, {result['threads']} threads, "
-          f"MoD objective {args.loss}" + (" + router ranking (eager teacher attention)" if teacher is not None
-                                         and teacher.attention else ""))
+          f"{result['vision_tokens']} vision + {result['text_tokens']} text tokens, batch {args.batch_size}, "
+          f"LoRA r {args.lora_r}, checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+          f"{result['threads']} threads, MoD objective {args.loss}"
+          + (" + router ranking (teacher attention)" if result["teacher"] and args.router_rank_coef > 0 else ""))
     print(f"MoD layers {result['mod_layers']}: ratios {result['ratios']}")
     print(f"median step  dense {med['dense'] * 1e3:8.1f} ms   MoD {med['mod'] * 1e3:8.1f} ms   "
-          f"(over {args.steps} steps each, alternating)")
+          f"(over {result['steps']} steps each, alternating)")
     print(f"median CPU   dense {med_cpu['dense'] * 1e3:8.1f} ms   MoD {med_cpu['mod'] * 1e3:8.1f} ms   "
           "(process CPU time: less sensitive to other load on the machine)")
-    print(f"step-time ratio MoD / dense: {result['step_time_ratio']:.3f} wall, {result['cpu_time_ratio']:.3f} CPU   "
-          f"(analytic decoder forward FLOPs ratio {est.decoder_flops_ratio:.3f})")
+    print(f"step-time ratio MoD / dense: {result['step_time_ratio']:.3f} wall (pairs: median {sp['median']:.3f}, "
+          f"quartiles {sp['q1']:.3f}-{sp['q3']:.3f}), {result['cpu_time_ratio']:.3f} CPU   "
+          f"(analytic decoder forward FLOPs ratio {result['forward_decoder_flops_ratio']:.3f})")
 
 
 if __name__ == "__main__":

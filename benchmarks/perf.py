@@ -23,6 +23,15 @@ Rows per shape and batch size:
 - ``decode, short context`` / ``decode, long context``: tokens/s over ``--new-tokens`` - 1 cached steps after a
   prompt of ``--vision-tokens`` (and 4x that) vision tokens; MoD / dense tokens/s; target >= 1.00.
 
+Once per run (``--finetune-shape``, ``benchmarks/finetune_step.py``'s LLaVA-like decoder; ``none`` skips them):
+
+- ``finetune step, LoRA + checkpointing``: one optimizer step of a LoRA finetune with gradient checkpointing, the
+  same objective for both models (answer cross-entropy), alternating pairs on the same batches; target: step
+  time ratio <= forward decoder FLOPs ratio + 0.05;
+- ``finetune step, default objective``: the MoD step of a default ``finetune`` (distillation from the dense
+  teacher pass and the router ranking targets) against the same dense LoRA step; no target: the teacher pass
+  is a whole dense forward the dense finetune does not run.
+
 Writes one JSON file (``--out``: every row's full ``BenchReport`` plus the summary rows) and prints the table.
 """
 
@@ -45,7 +54,7 @@ class Row:
     measure: str
     vision_tokens: int
     text_tokens: int
-    metric: str  # which ratio: "prefill time" (lower is better) or "decode tokens/s" (higher is better)
+    metric: str  # which ratio: "prefill time" / "step time" (lower is better) or "decode tokens/s" (higher is better)
     median: float
     q1: float
     q3: float
@@ -72,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
     p.add_argument("--no-long", action="store_true", help="skip the long-context decode rows (they prefill 4x)")
     p.add_argument("--quick", action="store_true", help="2-3 pairs, 9 new tokens, short prompts: a smoke run")
+    p.add_argument("--finetune-shape", default="small",
+                   help="finetune_step.py shape of the finetune rows (small | qwen2-0.5b | none: skip them)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     return p.parse_args(argv)
 
@@ -133,7 +144,42 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[dict]]:
                                      1.0 / report.ratios["estimated_decode_flops"], ">= 1.000",
                                      lambda x: x >= 1.0))
         del mod, dense, full, scored
+    if args.finetune_shape != "none":
+        rows += finetune_rows(args, threads, reports)
     return rows, reports
+
+
+def finetune_rows(args: argparse.Namespace, threads: int, reports: list[dict]) -> list[Row]:
+    """The two finetune-step rows (see the module docstring), measured by ``finetune_step.measure``."""
+    from pmod_convert.bench import pinned_threads
+    from pmod_convert.training import FinetuneSettings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import finetune_step
+
+    if args.device != "cpu":
+        print("[perf] finetune rows run on the CPU only (finetune_step.py); skipped", file=sys.stderr)
+        return []
+    rows = []
+    plans = [("finetune step, LoRA + checkpointing", dict(loss="ce", router_rank_coef=0.0), True),
+             ("finetune step, default objective", {}, False)]
+    for measure, changes, targeted in plans:
+        print(f"[perf] {args.finetune_shape}: {measure} ...", file=sys.stderr, flush=True)
+        settings = FinetuneSettings(lora_dropout=0.0, gradient_checkpointing=True, **changes).validate()
+        with pinned_threads(threads):
+            result = finetune_step.measure(shape=args.finetune_shape, settings=settings, warmup=1,
+                                           repeats=args.repeats, max_repeats=args.max_repeats,
+                                           target_spread=args.target_spread)
+        reports.append({"shape": args.finetune_shape, "batch_size": result["batch_size"], "measure": measure,
+                        "report": result})
+        sp, est = result["spread"], result["forward_decoder_flops_ratio"]
+        target, ok = (f"<= {est + 0.05:.3f} (FLOPs + 0.05)", sp["median"] <= est + 0.05) if targeted else ("-", None)
+        rows.append(Row(shape=f"finetune {args.finetune_shape}", batch_size=result["batch_size"], measure=measure,
+                        vision_tokens=result["vision_tokens"], text_tokens=result["text_tokens"], metric="step time",
+                        median=sp["median"], q1=sp["q1"], q3=sp["q3"], rel_spread=sp["rel_spread"],
+                        pairs=int(sp["n"]), settled=result["settled"], estimate=est, target=target,
+                        met=ok if result["settled"] else None))
+    return rows
 
 
 def format_table(rows: list[Row]) -> str:

@@ -64,3 +64,24 @@ def test_small_pipeline_runs_end_to_end(zoo_model, tmp_path):
     assert "calibrated" in accuracy.table(summary)
     accuracy.plot(summary, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_extended_test_split_keeps_the_split_and_adds_new_questions(zoo_model, tmp_path):
+    """``vlm_zoo.extra_test``: the first rows are the model's test split unchanged, the rest are new questions
+    from the task's generator (readable images, balanced-looking answers), written once; the benchmark's test
+    set (and its cache key) follows ``eval_rows``."""
+    base = json.loads(Path(zoo_model["test"]).read_text())
+    path = vlm_zoo.extra_test(zoo_model, len(base) + 40)
+    rows = json.loads(Path(path).read_text())
+    assert len(rows) == len(base) + 40 and rows[: len(base)] == base
+    new = rows[len(base):]
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert all((Path(zoo_model["image_folder"]) / r["image"]).is_file() for r in new)
+    assert len({r["conversations"][-1]["value"] for r in new}) > 2  # not one repeated example
+    before = Path(path).stat().st_mtime_ns
+    assert vlm_zoo.extra_test(zoo_model, len(base) + 40) == path and Path(path).stat().st_mtime_ns == before
+    assert vlm_zoo.extra_test(zoo_model, len(base)) == zoo_model["test"]
+    test, key = accuracy.test_split(zoo_model, tmp_path, len(base) + 40)
+    assert test == Path(path) and key.startswith(f"test{len(base) + 40}-")
+    small, small_key = accuracy.test_split(zoo_model, tmp_path, 32)
+    assert len(json.loads(small.read_text())) == 32 and small_key != key
