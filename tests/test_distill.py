@@ -132,8 +132,11 @@ def test_losses_on_the_kept_logits_equal_the_full_logits():
         g_a, = torch.autograd.grad(ce_a + kl_a, full)
         g_b, = torch.autograd.grad(ce_b + kl_b, full)
         torch.testing.assert_close(g_a, g_b)
+    answers_only = logit_positions(labels)  # "text" positions are not all kept there
     with pytest.raises(ValueError, match="outside the kept logits"):
-        distill_loss_sum(full[kept], teacher[:, :-1][where], where, 1.0, logit_positions(labels))
+        distill_loss_sum(full[answers_only], teacher[:, :-1][where], where, 1.0, answers_only)
+    with pytest.raises(ValueError, match=r"logits of shape \(3, 6, 11\).*transformers >= 5.21"):
+        lm_loss_sum(full, labels, answers_only)  # a forward that ignored the mask
 
 
 def test_teacher_and_student_logits_at_kept_positions_equal_the_full_forward(ws):
