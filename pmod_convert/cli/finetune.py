@@ -30,7 +30,7 @@ def finetune_cmd(
     select_by: Annotated[str | None, typer.Option("--select-by", help="kl (default): lowest KL to the dense model | accuracy: greedy accuracy, ties by agreement then KL.")] = None,
     keep_best: Annotated[bool | None, typer.Option("--keep-best/--no-keep-best", help="Output the best validated weights, the input's if no step beat them (on).")] = None,
     strict: Annotated[bool | None, typer.Option("--strict/--no-strict", help="Exit 3 when no step beat the input on validation.")] = None,
-    loss: Annotated[str | None, typer.Option("--loss", help="kl: distil the dense model (default) | ce: label cross-entropy | mix: kl + --ce-weight * ce.")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="mix: distil the dense model plus --ce-weight x label cross-entropy (default) | kl: distillation only | ce: label cross-entropy only.")] = None,
     ce_weight: Annotated[float | None, typer.Option("--ce-weight", help="Weight of the label cross-entropy in --loss mix (0.5).")] = None,
     distill_temperature: Annotated[float | None, typer.Option("--distill-temperature", help="Softmax temperature of teacher and student in the distillation (2.0).")] = None,
     distill_positions: Annotated[str | None, typer.Option("--distill-positions", help="answer: labelled positions (default) | text: every text position after the image.")] = None,
