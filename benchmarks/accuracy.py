@@ -94,7 +94,13 @@ def _step(result: Path, folder: Path, fn: Callable[[], dict]) -> dict:
     marker = folder.with_name(folder.name + ".step")
     if result.exists() and folder.exists() and marker.exists() and marker.read_text() == result.name:
         return json.loads(result.read_text())
+    # The step runs again: nothing may vouch for the folder while fn() rewrites it (an interrupted or failed
+    # run must not leave the old marker on new or partial weights), and no evaluation of this step's earlier
+    # weights may be reused.
+    marker.unlink(missing_ok=True)
     result.unlink(missing_ok=True)
+    for old in result.parent.glob(f"{result.stem}-test*.json"):
+        old.unlink()
     r = _cached(result, fn)
     if "error" not in r:
         marker.write_text(result.name)
@@ -113,6 +119,8 @@ def test_split(meta: dict, work: Path, rows: int | None) -> tuple[Path, str]:
     """The test set of a run and its cache key: the first ``rows`` of the 400-row test split when ``rows`` is at
     most 400, else the split extended by ``vlm_zoo.extra_test`` (new questions from the same generator)."""
     n = len(json.loads(Path(meta["test"]).read_text()))
+    if rows is not None and rows < 1:
+        raise ValueError(f"test rows must be >= 1, got {rows}")
     if rows is None or rows > n:
         test = Path(vlm_zoo.extra_test(meta, rows)) if rows is not None else Path(meta["test"])
     else:
@@ -132,8 +140,10 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
 
     ``small``: the CI-sized path (``SMALL_EVAL_ROWS`` test rows, ``SMALL_FINETUNE_STEPS`` finetune steps on 64
     rows); ``eval_rows`` / ``finetune_steps`` override those sizes (tests); ``calib_samples``: calibration rows.
-    Checkpoints and results are cached under ``work``: a step reruns when its settings or the code that
-    decides it change, an evaluation when the test set changes.
+    Checkpoints and results are cached under ``work``: a calibration reruns when ``calibrate``'s defaults or the
+    code that decides it change (``calibrate_key``), a finetune when the default settings or its calibrated
+    input change (not when only the training code changes: delete the run's ``finetuned-*`` files then), an
+    evaluation when its step reran or the test set changes.
     """
     import pmod_convert
 
@@ -323,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", nargs="*", default=["fastv", "pdrop"], choices=["fastv", "pdrop"],
                         help="training-free pruning baselines evaluated at the same budgets (none: skip)")
     args = parser.parse_args(argv)
+    if args.test_rows is not None and args.test_rows < 1:
+        parser.error(f"--test-rows must be >= 1, got {args.test_rows}")
     seeds = args.seeds if args.seeds is not None else ([0] if args.small else [0, 1, 2])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

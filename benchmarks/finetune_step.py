@@ -6,10 +6,11 @@ same process, alternating step by step (order swapped every step), through the f
 step (``pmod_convert.training.loop.forward_backward`` + AdamW). Reported: median step times, their
 ratio, and the analytic decoder FLOPs ratio of a forward pass for comparison.
 
-The MoD step uses the finetune's default objective (``--loss kl``: distillation, with the dense teacher pass
-and, with ``--router-rank-coef`` > 0, its eager-attention ranking targets inside the step), so the ratio is
-the real cost of a default MoD finetune step against a plain LoRA step of the dense model. ``--loss ce``
-measures the MoD step without a teacher.
+The MoD step uses the finetune's default objective (``--loss mix``: distillation plus half the label
+cross-entropy, with the dense teacher pass and, with ``--router-rank-coef`` > 0, its ranking targets inside the
+step), so the ratio is the real cost of a default MoD finetune step against a plain LoRA step of the dense
+model. ``--loss kl`` drops the label term; ``--loss ce`` measures the MoD step without a teacher (the same
+objective as the dense step).
 
     python benchmarks/finetune_step.py                       # LLaVA-like, hidden 512 x 8 layers, 576 vision tokens
     python benchmarks/finetune_step.py --shape qwen2-0.5b --steps 4   # Qwen2-0.5B-sized decoder (slow on CPU)
@@ -80,7 +81,8 @@ def step(model, optimizer, batch, settings, teacher=None, vision_ids=()) -> tupl
     if teacher is not None:
         where = distill_positions(batch["labels"], batch["input_ids"], batch["attention_mask"], vision_ids)
         n_rank = rank_terms(batch["input_ids"], vision_ids, len(teacher.layers)) if rank else 0
-        scales = Scales(ce=0.0, kl=1.0 / max(int(where.sum()), 1), rank=1.0 / max(n_rank, 1) if rank else 0.0)
+        ce = settings.ce_weight / answer_token_count(batch) if settings.loss == "mix" else 0.0  # as the loop
+        scales = Scales(ce=ce, kl=1.0 / max(int(where.sum()), 1), rank=1.0 / max(n_rank, 1) if rank else 0.0)
     else:
         scales = Scales(ce=1.0 / answer_token_count(batch), kl=0.0)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -176,7 +178,8 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--router-aux-coef", type=float, default=0.0)
     p.add_argument("--route-text", action="store_true")
-    p.add_argument("--loss", choices=("kl", "ce"), default="kl", help="MoD objective: kl = distillation (default)")
+    p.add_argument("--loss", choices=("mix", "kl", "ce"), default="mix",
+                   help="MoD objective: mix = distillation + 0.5 x cross-entropy (the finetune's default)")
     p.add_argument("--router-rank-coef", type=float, default=1.0, help="0: no eager-attention ranking targets")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")

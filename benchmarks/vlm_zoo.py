@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -569,39 +569,59 @@ def build(task: str, seed: int = 0, cache_dir: str | Path | None = None, *, conf
     return meta
 
 
-def extra_test(meta: dict[str, Any], rows: int) -> str:
-    """Path of a test split of ``rows`` questions: the model's 400-row ``test`` split followed by new rows.
-
-    The new rows come from the task's generator with a random stream of their own (seeded by task and seed,
-    independent of the streams that drew the train / val / test / calib splits, so the model's cache key and
-    its data stay as they are) and are written once, next to the other splits (``test-<rows>.json``,
-    ``images/test-<rows>-NNNNN.png``); later calls return the same file. Why: on 400 questions one answer is
-    0.25 point and the paired difference of two models' accuracies has a standard error of about 0.9 point
-    when they disagree on 3% of the questions, coarser than a 0.5-point criterion.
-    """
+def _draw_rows(meta: dict[str, Any], n: int, stream: int, image_prefix: str, id_prefix: str) -> list[dict]:
+    """``n`` new rows of the model's task, drawn with ``np.random.default_rng([seed, len(task), stream])`` (a
+    stream no split of ``write_dataset`` uses), their PNGs written as ``images/<image_prefix>-NNNNN.png``."""
     from PIL import Image
 
+    folder = Path(meta["image_folder"])
+    cfg = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    rng = np.random.default_rng([meta["seed"], len(meta["task"]), stream])
+    out = []
+    for i in range(n):
+        img, kind, question, answer = make_example(meta["task"], rng, cfg.kinds, cfg.object_cells)
+        name = f"images/{image_prefix}-{i:05d}.png"
+        Image.fromarray(img).save(folder / name, compress_level=1)
+        out.append({"id": f"{id_prefix}-{i}", "image": name, "kind": kind,
+                    "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                      {"from": "gpt", "value": answer}]})
+    return out
+
+
+def _write_once(dest: Path, rows: Callable[[], list[dict]]) -> str:
+    if not dest.exists():
+        tmp = dest.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(rows()))
+        os.replace(tmp, dest)  # whole or absent: an interrupted run writes the file again
+    return str(dest)
+
+
+def extra_test(meta: dict[str, Any], rows: int) -> str:
+    """Path of a test split of ``rows`` questions: the model's 400-row ``test`` split followed by new rows
+    (``rows`` at most the split's size: the split itself).
+
+    The new rows come from the task's generator with a random stream of their own (seeded by the model's
+    seed, the length of the task's name and a constant; independent of the streams that drew the
+    train / val / test / calib splits, so the model's cache key and its data stay as they are) and are written
+    once, next to the other splits (``test-<rows>.json``, ``images/test-<rows>-NNNNN.png``); later calls return
+    the same file. Why: on 400 questions one answer is 0.25 point and the paired difference of two models'
+    accuracies has a standard error of about 0.9 point when they disagree on 3% of the questions, coarser than a
+    0.5-point criterion.
+    """
     base = json.loads(Path(meta["test"]).read_text())
     if rows <= len(base):
         return meta["test"]
-    folder = Path(meta["image_folder"])
-    dest = folder / f"test-{rows}.json"
-    if dest.exists():
-        return str(dest)
-    cfg = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-    rng = np.random.default_rng([meta["seed"], len(meta["task"]), 7919])  # not the stream of write_dataset
-    out = list(base)
-    for i in range(rows - len(base)):
-        img, kind, question, answer = make_example(meta["task"], rng, cfg.kinds, cfg.object_cells)
-        name = f"images/test-{rows}-{i:05d}.png"
-        Image.fromarray(img).save(folder / name, compress_level=1)
-        out.append({"id": f"{meta['task']}-test{rows}-{i}", "image": name, "kind": kind,
-                    "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                      {"from": "gpt", "value": answer}]})
-    tmp = dest.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, dest)  # whole or absent: an interrupted run writes the file again
-    return str(dest)
+    dest = Path(meta["image_folder"]) / f"test-{rows}.json"
+    return _write_once(dest, lambda: base + _draw_rows(meta, rows - len(base), 7919, f"test-{rows}",
+                                                      f"{meta['task']}-test{rows}"))
+
+
+def dev_split(meta: dict[str, Any], rows: int = 2000) -> str:
+    """Path of a development split of ``rows`` new questions (``dev-<rows>.json``, another stream than
+    :func:`extra_test`'s), for choosing settings without looking at the test questions: the finetune's
+    default objective was chosen on it (docs/finetuning.md)."""
+    dest = Path(meta["image_folder"]) / f"dev-{rows}.json"
+    return _write_once(dest, lambda: _draw_rows(meta, rows, 104729, "dev", "dev"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pmod_convert import Recipe, ScheduleSettings, convert, load_dense, load_pretrained
 from pmod_convert.cli import app
+from pmod_convert.errors import UnsupportedArchitecture
 from pmod_convert.data import IGNORE, SampleEncoder, collate, model_inputs, read_samples
 from pmod_convert.evaluation.evaluate import answer_samples
 from pmod_convert.training import REPORT_DIR, FinetuneSettings, finetune
@@ -135,7 +136,7 @@ def test_losses_on_the_kept_logits_equal_the_full_logits():
     answers_only = logit_positions(labels)  # "text" positions are not all kept there
     with pytest.raises(ValueError, match="outside the kept logits"):
         distill_loss_sum(full[answers_only], teacher[:, :-1][where], where, 1.0, answers_only)
-    with pytest.raises(ValueError, match=r"logits of shape \(3, 6, 11\).*transformers >= 5.21"):
+    with pytest.raises(UnsupportedArchitecture, match=r"logits of shape \(3, 6, 11\).*transformers >= 5.21"):
         lm_loss_sum(full, labels, answers_only)  # a forward that ignored the mask
 
 
@@ -158,6 +159,27 @@ def test_teacher_and_student_logits_at_kept_positions_equal_the_full_forward(ws)
     assert rows.shape == (int(kept.sum()), full.shape[-1])
     torch.testing.assert_close(rows, full[kept], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dense_rows, dense_full[:, :-1][where], atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_that_ignores_logits_to_keep_fails_with_one_line(ws, tmp_path, monkeypatch):
+    """A model whose forward drops ``logits_to_keep`` (an older transformers, a custom class) would compute the
+    losses on the wrong rows: the finetune stops at once (validation of the input runs first) with one line
+    and exit code 2, and writes no output."""
+    from transformers import LlavaForConditionalGeneration
+
+    original = LlavaForConditionalGeneration.forward
+
+    def forward(self, *args, logits_to_keep=0, **kwargs):
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "forward", forward)
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(app, ["finetune", str(ws / "mod"), "--data", str(ws / "train.json"), "--image-folder",
+                                      str(ws / "images"), "--out", str(out), "--max-steps", "2"])
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.output.strip().splitlines() if x.strip()]
+    assert "does not slice by a boolean mask" in lines[-1] and "Traceback" not in result.output
+    assert not out.exists()
 
 
 def test_router_rank_loss_follows_the_order_of_the_teacher_attention():

@@ -393,3 +393,16 @@ def test_settings_are_strict_and_validated(tmp_path):
         FinetuneSettings(mixed_precision="fp8").validate()
     with pytest.raises(PmodError, match="lora_targets is not a valid regular expression"):
         FinetuneSettings(lora_targets="(").validate()
+
+
+def test_resume_with_changed_settings_names_both_values(tmp_path):
+    """A run made under other settings (e.g. an older default) is refused with what differs, both values, and
+    how to resume; nothing is read beyond the JSON state."""
+    from pmod_convert.errors import RecipeError
+    from pmod_convert.training.checkpoints import STATE_FILE
+    from pmod_convert.training.loop import check_resumable
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"settings": {**FinetuneSettings().to_dict(), "loss": "kl"}}))
+    with pytest.raises(RecipeError, match=r"loss \(run: 'kl', now: 'mix'\).*pass it explicitly"):
+        check_resumable(tmp_path, FinetuneSettings())
+    check_resumable(tmp_path, FinetuneSettings(loss="kl"))  # the run's value: accepted

@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import RecipeError
 from ..mod.router import ROUTER_NAME
 from ..mod.scoring import text_query_attention
+from .losses import check_kept_logits
 from .routing import bare_model, mod_layers
 
 
@@ -155,4 +156,6 @@ class Teacher:
                 self.bare.set_attn_implementation(previous)
             self._queries = None
             self.model.train(was_training)
+        if positions is not None:
+            return check_kept_logits(out.logits.detach(), keep)
         return out.logits.detach()

@@ -176,8 +176,10 @@ def check_resumable(folder: Path, settings: FinetuneSettings) -> None:
     saved = FinetuneSettings.from_dict(state.get("settings", {}), where=f"{folder}/{STATE_FILE}")
     changed = saved.differences(settings)
     if changed:
-        raise RecipeError(f"cannot resume from {folder}: these settings differ from the interrupted run: "
-                          f"{', '.join(changed)}; resume with the same settings")
+        was, now = saved.to_dict(), settings.to_dict()
+        what = ", ".join(f"{k} (run: {was[k]!r}, now: {now[k]!r})" for k in changed)
+        raise RecipeError(f"cannot resume from {folder}: these settings differ from the interrupted run: {what}; "
+                          "resume with the run's values (a default may have changed since: pass it explicitly)")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE
+from ..errors import UnsupportedArchitecture
 from .routing import RouterRecord
 
 
@@ -39,12 +40,20 @@ def logit_positions(labels: torch.Tensor, distill: torch.Tensor | None = None) -
     return keep
 
 
-def _check_kept(logits: torch.Tensor, kept: torch.Tensor) -> None:
+def check_kept_logits(logits: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``logits``, after checking that the model sliced them by the boolean ``logits_to_keep`` mask ``kept``
+    (``[batch, seq]``): ``[kept positions, vocab]``.
+
+    Raises ``UnsupportedArchitecture`` (one line) when the forward ignored the mask (a 3-D result, or another
+    number of rows): transformers >= 5.21 slices by it in every supported family.
+    """
     n = int(kept.sum())
     if logits.dim() != 2 or logits.shape[0] != n:
-        raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for a logits_to_keep mask of {n} "
-                         "positions, not [positions, vocab]: its forward does not slice by a boolean mask "
-                         "(transformers >= 5.21 does, for every supported family)")
+        raise UnsupportedArchitecture(
+            f"the model returned logits of shape {tuple(logits.shape)} for a logits_to_keep mask of {n} positions, "
+            "not [positions, vocab]: its forward does not slice by a boolean mask (transformers >= 5.21 does, for "
+            "every supported family); upgrade transformers")
+    return logits
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
@@ -62,7 +71,7 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
     """
     targets = labels[:, 1:]
     if kept is not None:
-        _check_kept(logits, kept)
+        check_kept_logits(logits, kept)
         targets = targets[kept[:, :-1]]
         chosen = targets != IGNORE
         rows = logits
@@ -106,7 +115,7 @@ def distill_loss_sum(student: torch.Tensor, teacher: torch.Tensor, positions: to
     if count == 0:
         return student.sum() * 0.0, 0
     if kept is not None:
-        _check_kept(student, kept)
+        check_kept_logits(student, kept)
         if bool((positions & ~kept[:, :-1]).any()):
             raise ValueError("distill_loss_sum: positions outside the kept logits (kept must include them)")
         s = student[positions[kept[:, :-1]]].float() / temperature

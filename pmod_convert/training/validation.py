@@ -31,7 +31,7 @@ from ..data import IGNORE, collate, model_inputs, routed_model_inputs
 from ..devices import to_device
 from ..evaluation.evaluate import answer_samples
 from .data import PADDING_SIDE, TrainingData
-from .losses import logit_positions
+from .losses import check_kept_logits, logit_positions
 
 
 @dataclass
@@ -112,8 +112,8 @@ class Validator:
         try:
             for batch, reference in zip(self.batches, self.references):
                 kept = logit_positions(batch["labels"]).to(self.device)  # logits of the answer positions only
-                picked = model(**to_device(routed_model_inputs(batch), self.device), use_cache=False,
-                               logits_to_keep=kept).logits.float().cpu()
+                picked = check_kept_logits(model(**to_device(routed_model_inputs(batch), self.device),
+                                                 use_cache=False, logits_to_keep=kept).logits, kept).float().cpu()
                 labels = batch["labels"][:, 1:]
                 chosen = labels != IGNORE
                 if picked.shape[0] == 0:
