@@ -13,8 +13,8 @@ For every zoo task and seed, through pmod_convert's public Python API only:
 Prints one table (model, variant, FLOPs budget, measured decoder FLOPs ratio, accuracy mean +- spread over
 seeds, delta vs dense in accuracy points, blind baseline) and writes ``report.json`` and ``accuracy_vs_flops.png``
 under ``--out``. Checkpoints and results of finished steps are kept under ``<out>/runs/`` and reused when the
-command is run again (so an interrupted run resumes); an evaluation is cached per test set. A failing API call is recorded in the report (with its
-traceback) and the run goes on.
+command is run again (so an interrupted run resumes); an evaluation is cached per test set. A failing API call
+is recorded in the report (with its traceback) and the run goes on.
 
     python benchmarks/accuracy.py --out bench-accuracy                # 2 tasks x 3 seeds x 2 budgets
     python benchmarks/accuracy.py --small --out /tmp/acc-small        # CI-sized: 1 seed, 8 finetune steps
