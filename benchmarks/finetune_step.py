@@ -78,13 +78,11 @@ def step(model, optimizer, batch, settings, teacher=None, vision_ids=()) -> tupl
     rank = teacher is not None and teacher.attention
     taps = RouterTaps(model) if settings.router_aux_coef > 0 or rank else None
     text = TextRouting(model) if settings.route_text else None
-    if teacher is not None:
-        where = distill_positions(batch["labels"], batch["input_ids"], batch["attention_mask"], vision_ids)
-        n_rank = rank_terms(batch["input_ids"], vision_ids, len(teacher.layers)) if rank else 0
-        ce = settings.ce_weight / answer_token_count(batch) if settings.loss == "mix" else 0.0  # as the loop
-        scales = Scales(ce=ce, kl=1.0 / max(int(where.sum()), 1), rank=1.0 / max(n_rank, 1) if rank else 0.0)
-    else:
-        scales = Scales(ce=1.0 / answer_token_count(batch), kl=0.0)
+    where = distill_positions(batch["labels"], batch["input_ids"], batch["attention_mask"], vision_ids,
+                              settings.distill_positions)
+    n_rank = rank_terms(batch["input_ids"], vision_ids, len(teacher.layers)) if rank else 0
+    scales = Scales.for_window(settings, answer_token_count(batch), int(where.sum()), n_rank,
+                               use_kl=teacher is not None and settings.loss != "ce", use_rank=rank)
     t0, c0 = time.perf_counter(), time.process_time()
     with taps if taps is not None else _null(), text if text is not None else _null():
         forward_backward(model, [batch], settings, device=torch.device("cpu"), scales=scales, taps=taps,

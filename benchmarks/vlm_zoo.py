@@ -235,24 +235,32 @@ def write_dataset(task: str, seed: int, cfg: TaskConfig, folder: Path) -> dict[s
     Returns ``{split: [row, ...]}`` where each row also carries its question ``kind`` (an extra key the
     LLaVA readers ignore).
     """
-    from PIL import Image
-
     rng = np.random.default_rng(seed * 1009 + len(task))
     (folder / "images").mkdir(parents=True)
     splits = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test, "calib": cfg.n_calib}
     out: dict[str, list] = {}
     for split, n in splits.items():
-        rows = []
-        for i in range(n):
-            img, kind, question, answer = make_example(task, rng, cfg.kinds, cfg.object_cells)
-            name = f"images/{split}-{i:05d}.png"
-            Image.fromarray(img).save(folder / name, compress_level=1)
-            rows.append({"id": f"{task}-{split}-{i}", "image": name, "kind": kind,
-                         "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                           {"from": "gpt", "value": answer}]})
+        rows = _draw_split(task, rng, cfg, folder, n, split, f"{task}-{split}")
         (folder / f"{split}.json").write_text(json.dumps(rows))
         out[split] = rows
     return out
+
+
+def _draw_split(task: str, rng: np.random.Generator, cfg: TaskConfig, folder: Path, n: int, image_prefix: str,
+                id_prefix: str) -> list[dict]:
+    """``n`` LLaVA-style rows of ``task`` drawn from ``rng``, their PNGs written as
+    ``folder/images/<image_prefix>-NNNNN.png`` (ids ``<id_prefix>-i``; an extra ``kind`` key per row)."""
+    from PIL import Image
+
+    rows = []
+    for i in range(n):
+        img, kind, question, answer = make_example(task, rng, cfg.kinds, cfg.object_cells)
+        name = f"images/{image_prefix}-{i:05d}.png"
+        Image.fromarray(img).save(folder / name, compress_level=1)
+        rows.append({"id": f"{id_prefix}-{i}", "image": name, "kind": kind,
+                     "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                       {"from": "gpt", "value": answer}]})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -571,21 +579,10 @@ def build(task: str, seed: int = 0, cache_dir: str | Path | None = None, *, conf
 
 def _draw_rows(meta: dict[str, Any], n: int, stream: int, image_prefix: str, id_prefix: str) -> list[dict]:
     """``n`` new rows of the model's task, drawn with ``np.random.default_rng([seed, len(task), stream])`` (a
-    stream no split of ``write_dataset`` uses), their PNGs written as ``images/<image_prefix>-NNNNN.png``."""
-    from PIL import Image
-
-    folder = Path(meta["image_folder"])
+    stream no split of ``write_dataset`` uses)."""
     cfg = TaskConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
     rng = np.random.default_rng([meta["seed"], len(meta["task"]), stream])
-    out = []
-    for i in range(n):
-        img, kind, question, answer = make_example(meta["task"], rng, cfg.kinds, cfg.object_cells)
-        name = f"images/{image_prefix}-{i:05d}.png"
-        Image.fromarray(img).save(folder / name, compress_level=1)
-        out.append({"id": f"{id_prefix}-{i}", "image": name, "kind": kind,
-                    "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                      {"from": "gpt", "value": answer}]})
-    return out
+    return _draw_split(meta["task"], rng, cfg, Path(meta["image_folder"]), n, image_prefix, id_prefix)
 
 
 def _write_once(dest: Path, rows: Callable[[], list[dict]]) -> str:

@@ -85,3 +85,7 @@ def test_extended_test_split_keeps_the_split_and_adds_new_questions(zoo_model, t
     assert test == Path(path) and key.startswith(f"test{len(base) + 40}-")
     small, small_key = accuracy.test_split(zoo_model, tmp_path, 32)
     assert len(json.loads(small.read_text())) == 32 and small_key != key
+    dev = json.loads(Path(vlm_zoo.dev_split(zoo_model, 20)).read_text())  # the split settings are chosen on
+    assert len(dev) == 20 and all((Path(zoo_model["image_folder"]) / r["image"]).is_file() for r in dev)
+    assert {r["image"] for r in dev}.isdisjoint(r["image"] for r in rows)
+    assert [r["conversations"] for r in dev] != [r["conversations"] for r in new[:20]]  # another random stream

@@ -397,7 +397,7 @@ def test_settings_are_strict_and_validated(tmp_path):
 
 def test_resume_with_changed_settings_names_both_values(tmp_path):
     """A run made under other settings (e.g. an older default) is refused with what differs, both values, and
-    how to resume; nothing is read beyond the JSON state."""
+    how to resume."""
     from pmod_convert.errors import RecipeError
     from pmod_convert.training.checkpoints import STATE_FILE
     from pmod_convert.training.loop import check_resumable

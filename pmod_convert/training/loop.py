@@ -87,6 +87,21 @@ class Scales:
     kl: float
     rank: float = 0.0
 
+    @classmethod
+    def for_window(cls, settings: FinetuneSettings, answers: float, distilled: float, ranked: float, *,
+                   use_kl: bool, use_rank: bool, processes: int = 1) -> "Scales":
+        """The weights of a window with ``answers`` answer tokens, ``distilled`` distilled positions and
+        ``ranked`` (layer, row) ranking terms summed over ``processes``: the label cross-entropy weighs
+        1 (``ce``, or no teacher), ``ce_weight`` (``mix``) or 0 (``kl``): :meth:`label_weight`."""
+        return cls(ce=cls.label_weight(settings, use_kl) * processes / max(answers, 1.0),
+                   kl=processes / max(distilled, 1.0) if use_kl else 0.0,
+                   rank=processes / max(ranked, 1.0) if use_rank else 0.0)
+
+    @staticmethod
+    def label_weight(settings: FinetuneSettings, use_kl: bool) -> float:
+        """Weight of the label cross-entropy next to the distillation term (1 without a teacher)."""
+        return {"ce": 1.0, "mix": settings.ce_weight, "kl": 0.0}[settings.loss] if use_kl else 1.0
+
 
 def forward_backward(model: nn.Module, micro_batches: Sequence[dict], settings: FinetuneSettings, *,
                      device: torch.device, scales: Scales, taps: RouterTaps | None = None,
@@ -332,7 +347,7 @@ class TrainingLoop:
         use_kl = settings.loss in ("kl", "mix") and self.teacher is not None
         use_rank = self.teacher is not None and self.teacher.attention and settings.router_rank_coef > 0
         n_mod = len(self.teacher.layers) if self.teacher is not None else 0
-        ce_weight = {"ce": 1.0, "mix": settings.ce_weight, "kl": 0.0}[settings.loss] if use_kl else 1.0
+        ce_weight = Scales.label_weight(settings, use_kl)
         bar = Progress(total=self.total_steps, initial=start, desc="finetune", unit="step",
                        disable=not (acc.is_main_process and self.show_progress))
         self.model.train()
@@ -348,9 +363,8 @@ class TrainingLoop:
                                       if use_rank else 0],
                                      dtype=torch.float64, device=acc.device)
                 global_answers, global_distill, global_rank = acc.reduce(local, reduction="sum").tolist()
-                scales = Scales(ce=ce_weight * acc.num_processes / max(global_answers, 1.0),
-                                kl=acc.num_processes / max(global_distill, 1.0) if use_kl else 0.0,
-                                rank=acc.num_processes / max(global_rank, 1.0) if use_rank else 0.0)
+                scales = Scales.for_window(settings, global_answers, global_distill, global_rank, use_kl=use_kl,
+                                           use_rank=use_rank, processes=acc.num_processes)
                 res = forward_backward(self.model, window, settings, device=acc.device, scales=scales,
                                        taps=tap, text_routing=text_routing, accelerator=acc, anchor=anchor,
                                        teacher=self.teacher, vision_ids=self.vision_ids)
