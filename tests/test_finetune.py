@@ -258,6 +258,14 @@ def test_bad_rows_error_or_are_skipped(workspace, tmp_path):
         finetune(workspace / "mod", long, workspace / "images", out=tmp_path / "o",
                  settings=FinetuneSettings(max_length=100, max_steps=1), show_progress=False)
     rows.insert(2, {"id": "missing-image", "image": "nope.png", "conversations": _conversation(0)})
+    empty = tmp_path / "empty.json"  # an empty answer would teach the model to answer nothing
+    empty.write_text(json.dumps([{**rows[0], "id": "blank", "conversations": [
+        rows[0]["conversations"][0], {"from": "gpt", "value": "  "}]}] + rows[4:]))
+    with pytest.raises(DataError, match=r"row 1 \(id 'blank'\): has an empty answer.*--skip-bad-rows"):
+        finetune(workspace / "mod", empty, workspace / "images", out=tmp_path / "o",
+                 settings=FinetuneSettings(max_steps=1), show_progress=False)
+    rows.insert(1, {**rows[0], "id": "blank", "conversations": [rows[0]["conversations"][0],
+                                                                 {"from": "gpt", "value": ""}]})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(rows))
     args = ["finetune", str(workspace / "mod"), "--data", str(bad), "--image-folder", str(workspace / "images"),
@@ -265,15 +273,16 @@ def test_bad_rows_error_or_are_skipped(workspace, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, args)
     assert result.exit_code == 2
-    assert "row 3 (id 'missing-image')" in result.output and "--skip-bad-rows" in result.output
+    assert "row 4 (id 'missing-image')" in result.output and "--skip-bad-rows" in result.output
     assert not (tmp_path / "o").exists()
 
     result = runner.invoke(app, [*args, "--skip-bad-rows"])
     assert result.exit_code == 0, result.output
-    assert "skipped 2 bad rows" in result.output
+    assert "skipped 3 bad rows" in result.output
     summary = json.loads((tmp_path / "o" / REPORT_DIR / "summary.json").read_text())
-    assert summary["skipped_rows"] == 2 and summary["samples"] == 7
+    assert summary["skipped_rows"] == 3 and summary["samples"] == 7
     assert any("missing-image" in r for r in summary["skipped_reasons"])
+    assert any("'blank'" in r and "empty answer" in r for r in summary["skipped_reasons"])
 
 
 def _tiny_training_model(workspace, **settings):

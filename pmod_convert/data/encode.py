@@ -257,7 +257,12 @@ class SampleEncoder:
         return n
 
     def encode_checked(self, sample: Sample, max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """``encode`` with processor failures, over-long samples and samples without answer tokens as DataError."""
+        """``encode`` with processor failures, over-long samples and samples without answer tokens as DataError.
+
+        An empty answer (every assistant turn blank) counts as none: it would leave only the end-of-turn token to
+        learn, so the finetune would train the model to answer nothing."""
+        if not any(text.strip() for role, text in sample.turns if role == "assistant"):
+            raise DataError("has an empty answer (nothing but the end of the turn to learn)")
         try:
             item = self.encode(sample)
         except DataError:
