@@ -6,17 +6,20 @@ For every zoo task and seed, through pmod_convert's public Python API only:
 2. ``convert`` (add-routers, published recipe), then ``calibrate`` on the calib split at each target decoder
    FLOPs ratio (default 0.55 and 0.40), and ``evaluate``;
 3. ``finetune`` each calibrated checkpoint with DEFAULT ``FinetuneSettings`` on at most 1000 training rows,
-   and ``evaluate``;
+   and ``evaluate`` (``--finetune-seeds``: one finetune per seed, only ``seed`` changed);
 4. the training-free pruning baselines (``calibrate --method fastv | pdrop`` on the dense checkpoint, the same
    budgets and calibration rows), and ``evaluate``.
 
 Prints one table (model, variant, FLOPs budget, measured decoder FLOPs ratio, accuracy mean +- spread over
-seeds, delta vs dense in accuracy points, blind baseline) and writes ``report.json`` and ``accuracy_vs_flops.png``
+runs, delta vs dense in accuracy points, blind baseline), then one row per zoo model and budget (dense,
+calibrated, each finetune seed, their mean against dense and against the calibrated input), and writes
+``report.json`` and ``accuracy_vs_flops.png``
 under ``--out``. Checkpoints and results of finished steps are kept under ``<out>/runs/`` and reused when the
 command is run again (so an interrupted run resumes); an evaluation is cached per test set. A failing API call
 is recorded in the report (with its traceback) and the run goes on.
 
     python benchmarks/accuracy.py --out bench-accuracy                # 2 tasks x 3 seeds x 2 budgets
+    python benchmarks/accuracy.py --out bench-accuracy --finetune-seeds 0 1 2   # 3 finetunes per checkpoint
     python benchmarks/accuracy.py --small --out /tmp/acc-small        # CI-sized: 1 seed, 8 finetune steps
 """
 
@@ -131,10 +134,12 @@ def test_split(meta: dict, work: Path, rows: int | None) -> tuple[Path, str]:
 
 def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_rows: int | None = None,
             finetune_steps: int | None = None, calib_samples: int = 128,
-            baselines: tuple[str, ...] = ("fastv", "pdrop")) -> list[dict]:
+            baselines: tuple[str, ...] = ("fastv", "pdrop"), finetune_seeds: tuple[int, ...] = (0,)) -> list[dict]:
     """All variants of one zoo model (one task, one seed). Returns result rows (accuracy as fractions).
 
     ``baselines``: training-free pruning methods (``calibrate --method``) evaluated at the same budgets.
+    ``finetune_seeds``: one default finetune of each calibrated checkpoint per seed (``FinetuneSettings.seed``:
+    data order, held-out rows, LoRA initialisation); a row each, with ``finetune_seed``.
     ``eval_rows``: test questions (default ``TEST_ROWS``: the 400-row split extended by new questions from the
     same generator, ``vlm_zoo.extra_test``; at most 400: the first rows of the split).
 
@@ -165,7 +170,6 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
     for budget in budgets:
         tag = f"{budget:.2f}"
         calibrated = work / f"calibrated-{tag}"
-        finetuned = work / f"finetuned-{tag}"
 
         def do_calibrate() -> dict:
             if not converted.exists():
@@ -200,30 +204,42 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
         if "error" in r:
             continue
 
-        def do_finetune() -> dict:
-            settings = pmod_convert.FinetuneSettings()  # the library's defaults
-            if finetune_steps is not None:
-                settings = dataclasses.replace(settings, max_steps=finetune_steps)
-            summary = pmod_convert.finetune(calibrated, train, meta["image_folder"], out=finetuned,
-                                            settings=settings, overwrite=True, show_progress=False)
-            keep = {k: summary.get(k) for k in ("steps", "wall_seconds", "best_step") if k in summary}
-            return {"finetune": keep, "finetune_settings": settings.to_dict()}
-
-        _log(f"{meta['task']} seed {meta['seed']}: finetune at {tag} FLOPs (default settings, "
-             f"{'small' if small else f'<= {FINETUNE_ROWS} rows'}), eval")
-        # keyed by the settings: when the library's defaults change, the finetune runs again
-        # (and by the rules that size a None setting from the data: the epochs for a few epoch lengths),
-        # and by the calibrated checkpoint it starts from
-        defaults = pmod_convert.FinetuneSettings()
-        sized = {"epochs_for": [defaults.epochs_for(n) for n in (10, 30, 60, 120, 400)]}
-        settings_key = hashlib.sha256(json.dumps([defaults.to_dict(), sized, cal_result.name], sort_keys=True,
-                                                 default=str).encode()).hexdigest()[:8]
-        result = work / (f"finetuned-{tag}-{cal_key}-{settings_key}"
-                         f"{'-' + str(finetune_steps) if finetune_steps else ''}-step.json")
-        r = _evaluated(_step(result, finetuned, do_finetune), result, finetuned, meta, test, test_key)
-        rows.append({**base, "variant": "finetuned", "budget": budget, **r})
-        _log(f"    finetuned accuracy {r.get('accuracy')}")
+        for ft_seed in finetune_seeds:
+            rows.append({**base, "variant": "finetuned", "budget": budget, "finetune_seed": ft_seed,
+                         **_finetune(meta, work, tag, calibrated, cal_result, cal_key, train, test, test_key,
+                                     ft_seed, finetune_steps, small)})
     return rows
+
+
+def _finetune(meta: dict, work: Path, tag: str, calibrated: Path, cal_result: Path, cal_key: str, train: Path,
+              test: Path, test_key: str, seed: int, finetune_steps: int | None, small: bool) -> dict:
+    """One default finetune of ``calibrated`` with ``FinetuneSettings.seed = seed``, evaluated (cached)."""
+    import pmod_convert
+
+    # seed 0 (the default) keeps the folder and cache key it always had
+    finetuned = work / (f"finetuned-{tag}" if seed == 0 else f"finetuned-{tag}-seed{seed}")
+    settings = dataclasses.replace(pmod_convert.FinetuneSettings(), seed=seed)  # the library's defaults
+
+    def do_finetune() -> dict:
+        run = settings if finetune_steps is None else dataclasses.replace(settings, max_steps=finetune_steps)
+        summary = pmod_convert.finetune(calibrated, train, meta["image_folder"], out=finetuned,
+                                        settings=run, overwrite=True, show_progress=False)
+        keep = {k: summary.get(k) for k in ("steps", "wall_seconds", "best_step") if k in summary}
+        return {"finetune": keep, "finetune_settings": run.to_dict()}
+
+    _log(f"{meta['task']} seed {meta['seed']}: finetune at {tag} FLOPs (default settings, seed {seed}, "
+         f"{'small' if small else f'<= {FINETUNE_ROWS} rows'}), eval")
+    # keyed by the settings: when the library's defaults change, the finetune runs again
+    # (and by the rules that size a None setting from the data: the epochs for a few epoch lengths),
+    # and by the calibrated checkpoint it starts from
+    sized = {"epochs_for": [settings.epochs_for(n) for n in (10, 30, 60, 120, 400)]}
+    settings_key = hashlib.sha256(json.dumps([settings.to_dict(), sized, cal_result.name], sort_keys=True,
+                                             default=str).encode()).hexdigest()[:8]
+    result = work / (f"finetuned-{tag}-{cal_key}-{settings_key}"
+                     f"{'-' + str(finetune_steps) if finetune_steps else ''}-step.json")
+    r = _evaluated(_step(result, finetuned, do_finetune), result, finetuned, meta, test, test_key)
+    _log(f"    finetuned accuracy {r.get('accuracy')} (seed {seed})")
+    return r
 
 
 def calibrate_key() -> str:
@@ -247,7 +263,8 @@ def calibrate_key() -> str:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and spread (population std, accuracy fractions) over seeds per (task, variant, budget)."""
+    """Mean and spread (population std, accuracy fractions) over runs per (task, variant, budget): a run is one
+    zoo model (and, for ``finetuned``, one finetune seed of it)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["variant"], r["budget"]), []).append(r)
@@ -260,7 +277,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         mean = statistics.fmean(accs) if accs else None
         d = dense.get(task) or []
         out.append({
-            "task": task, "variant": variant, "budget": budget, "seeds": len(accs),
+            "task": task, "variant": variant, "budget": budget, "runs": len(accs),
             "failed": sum("error" in r for r in group),
             "accuracy_mean": mean, "accuracy_spread": statistics.pstdev(accs) if len(accs) > 1 else 0.0 if accs else None,
             "delta_vs_dense": None if mean is None or not d else mean - statistics.fmean(d),
@@ -275,13 +292,56 @@ def table(summary: list[dict]) -> str:
         return "-" if x is None else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}")
 
     head = ("model", "variant", "FLOPs budget", "decoder FLOPs", "accuracy % (mean ± sd)", "Δ vs dense (pts)",
-            "blind %", "seeds")
+            "blind %", "runs")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         acc = "failed" if s["accuracy_mean"] is None else f"{pct(s['accuracy_mean'])} ± {pct(s['accuracy_spread'])}"
-        seeds = f"{s['seeds']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+        seeds = f"{s['runs']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
         lines.append("| " + " | ".join([s["task"], s["variant"], f"{s['budget']:.2f}", pct(s["decoder_flops_ratio"]),
                                          acc, pct(s["delta_vs_dense"], True), pct(s["blind_accuracy"]), seeds]) + " |")
+    return "\n".join(lines)
+
+
+def per_model(rows: list[dict]) -> list[dict]:
+    """Per zoo model and budget: dense and calibrated accuracy, the accuracy of each finetune seed, their mean,
+    and the mean's difference from dense and from the calibrated input (fractions); ``below_calibrated``: how
+    many finetune seeds ended below their calibrated input."""
+    out = []
+    models = sorted({(r["task"], r["seed"]) for r in rows})
+    for task, seed in models:
+        mine = [r for r in rows if (r["task"], r["seed"]) == (task, seed)]
+        dense = next((r.get("accuracy") for r in mine if r["variant"] == "dense"), None)
+        for budget in sorted({r["budget"] for r in mine if r["variant"] == "finetuned"}, reverse=True):
+            cal = next((r.get("accuracy") for r in mine if r["variant"] == "calibrated" and r["budget"] == budget),
+                       None)
+            fts = {r["finetune_seed"]: r.get("accuracy") for r in mine
+                   if r["variant"] == "finetuned" and r["budget"] == budget}
+            accs = [a for a in fts.values() if a is not None]
+            mean = statistics.fmean(accs) if accs else None
+            out.append({
+                "task": task, "seed": seed, "budget": budget, "dense": dense, "calibrated": cal,
+                "finetuned": fts, "finetuned_mean": mean,
+                "mean_vs_dense": None if mean is None or dense is None else mean - dense,
+                "mean_vs_calibrated": None if mean is None or cal is None else mean - cal,
+                "below_calibrated": None if cal is None else sum(a < cal for a in accs),
+            })
+    return out
+
+
+def per_model_table(models: list[dict]) -> str:
+    def pct(x: float | None, signed: bool = False) -> str:
+        return "-" if x is None else (f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}")
+
+    head = ("model", "FLOPs budget", "dense %", "calibrated %", "finetuned % (per finetune seed)", "mean",
+            "mean - dense", "mean - calibrated", "seeds below calibrated")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        each = " / ".join(f"{pct(a)} (s{k})" for k, a in sorted(m["finetuned"].items()))
+        below = "-" if m["below_calibrated"] is None else f"{m['below_calibrated']} of {len(m['finetuned'])}"
+        lines.append("| " + " | ".join([f"{m['task']} s{m['seed']}", f"{m['budget']:.2f}", pct(m["dense"]),
+                                         pct(m["calibrated"]), each, pct(m["finetuned_mean"]),
+                                         pct(m["mean_vs_dense"], True), pct(m["mean_vs_calibrated"], True),
+                                         below]) + " |")
     return "\n".join(lines)
 
 
@@ -330,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-rows", type=int, default=None,
                         help=f"test questions per model (default {TEST_ROWS}: the 400-row split plus new ones from "
                              f"the same generator; --small: {SMALL_EVAL_ROWS})")
+    parser.add_argument("--finetune-seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                        help="one default finetune per seed of each calibrated checkpoint (default: 0; the "
+                             "finetune's noise: data order, held-out rows, LoRA initialisation)")
     parser.add_argument("--baselines", nargs="*", default=["fastv", "pdrop"], choices=["fastv", "pdrop"],
                         help="training-free pruning baselines evaluated at the same budgets (none: skip)")
     args = parser.parse_args(argv)
@@ -355,12 +418,16 @@ def main(argv: list[str] | None = None) -> int:
         models.append({k: meta[k] for k in ("task", "seed", "architecture", "checkpoint", "dense_accuracy",
                                             "blind_accuracy", "train_seconds")})
         rows += run_one(meta, args.budgets, out / "runs" / ("small" if args.small else "full") / meta["key"],
-                        args.small, baselines=tuple(args.baselines), eval_rows=args.test_rows)
+                        args.small, baselines=tuple(args.baselines), eval_rows=args.test_rows,
+                        finetune_seeds=tuple(dict.fromkeys(args.finetune_seeds)))
     summary = aggregate(rows)
-    text = table(summary)
-    print(text)
-    report = {"small": args.small, "budgets": args.budgets, "seeds": seeds, "models": models,
-              "summary": summary, "runs": rows}
+    by_model = per_model(rows)
+    print(table(summary))
+    print()
+    print(per_model_table(by_model))
+    report = {"small": args.small, "budgets": args.budgets, "seeds": seeds,
+              "finetune_seeds": list(dict.fromkeys(args.finetune_seeds)), "models": models, "summary": summary,
+              "per_model": by_model, "runs": rows}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot(summary, out / "accuracy_vs_flops.png")
     _log(f"wrote {out / 'report.json'} and {out / 'accuracy_vs_flops.png'}")

@@ -52,9 +52,18 @@ def test_checkpoint_loads_with_pmod_convert(zoo_model):
 
 def test_small_pipeline_runs_end_to_end(zoo_model, tmp_path):
     rows = accuracy.run_one(zoo_model, [0.55], tmp_path / "run", small=True, eval_rows=32, finetune_steps=2,
-                            calib_samples=16)
+                            calib_samples=16, finetune_seeds=(0, 1))
     by_variant = {r["variant"]: r for r in rows}
     assert set(by_variant) == {"dense", "calibrated", "finetuned", "fastv", "pdrop"}
+    finetuned = [r for r in rows if r["variant"] == "finetuned"]
+    assert [r["finetune_seed"] for r in finetuned] == [0, 1]
+    assert [r["finetune_settings"]["seed"] for r in finetuned] == [0, 1]  # only the seed differs
+    assert (tmp_path / "run" / "finetuned-0.55").is_dir() and (tmp_path / "run" / "finetuned-0.55-seed1").is_dir()
+    (model,) = accuracy.per_model(rows)
+    assert set(model["finetuned"]) == {0, 1} and model["calibrated"] == by_variant["calibrated"]["accuracy"]
+    assert model["below_calibrated"] == sum(r["accuracy"] < model["calibrated"] for r in finetuned)
+    assert model["finetuned_mean"] == pytest.approx(sum(r["accuracy"] for r in finetuned) / 2)
+    assert "(s1)" in accuracy.per_model_table([model])
     for r in rows:
         assert "error" not in r, r.get("traceback")
         assert 0.0 <= r["accuracy"] <= 1.0
