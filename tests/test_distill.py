@@ -312,6 +312,32 @@ def test_a_step_that_answers_worse_than_the_input_is_never_kept():
     assert not better(lower_kl_worse_answers, start, "accuracy", start)
 
 
+def test_a_trained_step_replaces_an_input_that_saturates_validation():
+    """When the input already agrees with dense on every validation answer token, validation cannot rank it: a
+    trained step that agrees as well replaces it (and trained steps then compete by KL as usual); one that
+    disagrees, or answers worse, does not. Without saturation the KL decides as before."""
+    from pmod_convert.training.finetune import final_line
+    from pmod_convert.training.validation import ValidationResult, better, saturated
+
+    start = ValidationResult(step=0, accuracy=0.97, agreement=1.0, kl=1.4e-4, loss=0.037, samples=100, seconds=0)
+    agrees = ValidationResult(172, 0.97, 1.0, 1.7e-4, 0.036, 100, 0)
+    agrees_later = ValidationResult(258, 0.97, 1.0, 2.3e-4, 0.036, 100, 0)
+    disagrees = ValidationResult(43, 0.96, 0.995, 1.4e-2, 0.05, 100, 0)
+    answers_worse = ValidationResult(86, 0.95, 1.0, 1.5e-4, 0.05, 100, 0)
+    assert saturated(start) and not saturated(agrees)  # only the input (step 0) can saturate
+    for select_by in ("kl", "accuracy"):
+        assert better(agrees, start, select_by, start)
+        assert not better(agrees_later, agrees, select_by, start)  # trained steps: lower KL wins
+        assert not better(disagrees, start, select_by, start)
+        assert not better(answers_worse, start, select_by, start)
+    unsaturated = ValidationResult(0, 0.97, 0.995, 1.4e-4, 0.037, 100, 0)
+    assert not saturated(unsaturated) and not better(agrees, unsaturated, "kl", unsaturated)  # KL decides
+    v = {"on": "100 held-out training rows", "dense_accuracy": 0.97, "input": start.to_dict(),
+         "output": agrees.to_dict(), "kept": "step 172", "saturated": True}
+    assert "cannot rank it" in final_line({"validation": v})
+    assert "cannot rank it" not in final_line({"validation": {**v, "saturated": False}})
+
+
 def test_text_only_training_data_is_refused_and_epochs_are_sized_from_the_data(ws, tmp_path):
     from pmod_convert.data import DataError
 

@@ -44,7 +44,7 @@ from .lora import (
 from .report import plot_run, router_statistics
 from .routing import routers, untie_routers
 from .settings import FinetuneSettings
-from .validation import Validator
+from .validation import ValidationResult, Validator, saturated
 
 REPORT_DIR = "pmod_finetune"
 
@@ -188,6 +188,8 @@ def _validation_summary(result, validator, how: str, kept: str) -> dict[str, Any
         "skipped_reasons": validator.data.skipped_reasons[:20] if validator is not None else [],
         "input": first, "output": output, "last": records[-1] if records else None, "kept": kept,
         "improved": kept not in ("input",), "curve": records,
+        # the input already agreed with dense on every validation answer token: see validation.saturated
+        "saturated": bool(first) and saturated(ValidationResult.from_dict(first)),
     }
 
 
@@ -201,6 +203,10 @@ def final_line(summary: dict[str, Any]) -> str:
     kept = v.get("kept")
     note = {"input": "no step beat the input: the input's weights were kept",
             "last": "the last step's weights were kept (--no-keep-best)"}.get(kept, f"kept {kept}")
+    if v.get("saturated") and kept not in ("input", "last"):
+        note = (f"kept {kept}: the input already agreed with dense on every validation answer, so validation "
+                "cannot rank it; the trained step agrees as well (--val-data with rows the dense model never "
+                "trained on measures more)")
     return (f"validation ({v['on']}): accuracy {a['accuracy']:.1%} -> {b['accuracy']:.1%} "
             f"(dense {dense:.1%}), agreement with dense {a['agreement']:.3f} -> {b['agreement']:.3f}, "
             f"KL {a['kl']:.4f} -> {b['kl']:.4f}; {note}")

@@ -211,12 +211,6 @@ class LoopResult:
     epochs: int = 1
 
 
-def _as_result(record: dict):
-    from .validation import ValidationResult
-
-    return ValidationResult(**{k: record[k] for k in ValidationResult.__dataclass_fields__})
-
-
 def save_best(run_dir: Path, state: dict[str, torch.Tensor], record: dict) -> None:
     """The best trainable state so far and its validation record (written via a temporary name)."""
     from safetensors.torch import save_file
@@ -297,14 +291,14 @@ class TrainingLoop:
     # ---- validation --------------------------------------------------------------------------------------------
     def validate(self, step: int) -> None:
         """Validate on the main process; a new best's trainable state goes to ``RUN_DIR/best.safetensors``."""
-        from .validation import better
+        from .validation import ValidationResult, better
 
         acc = self.accelerator
         if self.validator is not None and acc.is_main_process:
             result = self.validator.run(acc.unwrap_model(self.model), step)
             record = result.to_dict()
-            previous = _as_result(self.best) if self.best is not None else None
-            start = next((_as_result(v) for v in self.validations if v["step"] == 0), None)
+            previous = ValidationResult.from_dict(self.best) if self.best is not None else None
+            start = next((ValidationResult.from_dict(v) for v in self.validations if v["step"] == 0), None)
             record["best"] = previous is None or better(result, previous, self.settings.select_by, start)
             if record["best"]:
                 self.best = record
