@@ -284,3 +284,50 @@ def test_deepcopy_routes_with_its_own_context():
     ref = logits_of(mod, a)
     logits_of(clone, b)  # must not disturb the original's routing
     torch.testing.assert_close(logits_of(mod, a), ref)
+
+
+@pytest.mark.parametrize("keep_rows", [[5, 5, 5], [5, 2, 0]], ids=["even", "ragged"])
+def test_gather_take_and_scatter_equal_element_indexed_references(keep_rows):
+    """``Gather.take`` / ``Gather.scatter`` (row copies over flattened (batch, seq)) equal ``torch.gather`` /
+    ``torch.scatter`` with per-element indices, values and gradients, for hidden states, broadcast rotary
+    tables, ``[3, batch, seq]`` position ids and ragged rows (padding entries never written)."""
+    from pmod_convert.mod.routing import Gather
+
+    torch.manual_seed(0)
+    batch, seq, hidden = 3, 9, 4
+    keep = torch.zeros(batch, seq, dtype=torch.bool)
+    for b, n in enumerate(keep_rows):
+        keep[b, torch.randperm(seq)[:n]] = True
+    g = Gather.from_keep(keep)
+    assert g.ragged == (len(set(keep_rows)) > 1)
+    idx = g.index
+
+    x = torch.randn(batch, seq, hidden, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    got = g.take(x, 1)
+    want = torch.gather(ref_x, 1, idx.unsqueeze(-1).expand(-1, -1, hidden))
+    assert torch.equal(got, want)
+    cos = torch.randn(1, seq, hidden)  # broadcast over the batch
+    assert torch.equal(g.take(cos, -2), torch.gather(cos.expand(batch, -1, -1), 1,
+                                                      idx.unsqueeze(-1).expand(-1, -1, hidden)))
+    pos = torch.arange(seq).expand(3, batch, seq) * torch.tensor([1, 2, 3]).view(3, 1, 1)
+    assert torch.equal(g.take(pos, -1), torch.gather(pos, 2, idx.unsqueeze(0).expand(3, -1, -1)))
+    assert g.take(torch.zeros(batch, seq + 1), 1).shape == (batch, seq + 1)  # not token-aligned: unchanged
+
+    values = torch.randn(batch, idx.shape[1], hidden, requires_grad=True)
+    ref_values = values.detach().clone().requires_grad_(True)
+    base = x * 2.0
+    out = g.scatter(base, got * values)
+    ref_base = ref_x * 2.0
+    expected = ref_base.clone()
+    for b in range(batch):
+        for j in range(idx.shape[1]):
+            if g.valid[b, j]:
+                expected[b, idx[b, j]] = (want * ref_values)[b, j]
+    assert torch.equal(out, expected)
+    weights = torch.randn(batch, seq, hidden)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.allclose(x.grad, ref_x.grad) and torch.allclose(values.grad, ref_values.grad)
+    inplace = g.scatter((x * 2.0).detach(), (got * values).detach(), inplace=True)
+    assert torch.equal(inplace, expected.detach())
