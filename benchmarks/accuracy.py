@@ -13,7 +13,7 @@ For every zoo task and seed, through pmod_convert's public Python API only:
 Prints one table (model, variant, FLOPs budget, measured decoder FLOPs ratio, accuracy mean +- spread over
 runs, delta vs dense in accuracy points, blind baseline), then one row per zoo model and budget (dense,
 calibrated, each finetune seed, their mean against dense and against the calibrated input), and writes
-``report.json`` and ``accuracy_vs_flops.png``
+``report.json``, ``accuracy_vs_flops.png`` and ``validation_curves.png`` (every finetune's validation curve)
 under ``--out``. Checkpoints and results of finished steps are kept under ``<out>/runs/`` and reused when the
 command is run again (so an interrupted run resumes); an evaluation is cached per test set. A failing API call
 is recorded in the report (with its traceback) and the run goes on.
@@ -239,7 +239,7 @@ def _finetune(meta: dict, work: Path, tag: str, calibrated: Path, cal_result: Pa
                      f"{'-' + str(finetune_steps) if finetune_steps else ''}-step.json")
     r = _evaluated(_step(result, finetuned, do_finetune), result, finetuned, meta, test, test_key)
     _log(f"    finetuned accuracy {r.get('accuracy')} (seed {seed})")
-    return r
+    return {**r, "folder": str(finetuned)}
 
 
 def calibrate_key() -> str:
@@ -345,6 +345,54 @@ def per_model_table(models: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_validation(rows: list[dict], path: Path) -> bool:
+    """One panel per zoo model and budget: each finetune seed's validation curve (KL to dense per answer token
+    and accuracy on its held-out rows, from ``pmod_finetune/validation.jsonl``), the kept step circled.
+    Returns False (and writes nothing) when no finetune left a curve."""
+    from pmod_convert.training import REPORT_DIR
+
+    curves: dict[tuple, list] = {}
+    for r in rows:
+        log = Path(r.get("folder", "")) / REPORT_DIR / "validation.jsonl"
+        if r["variant"] == "finetuned" and "error" not in r and log.is_file():
+            points = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            curves.setdefault((r["task"], r["seed"], r["budget"]), []).append((r.get("finetune_seed", 0), points))
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(curves, key=lambda k: (k[0], k[1], -k[2]))
+    cols = min(3, len(keys))
+    rows_n = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        acc_ax = ax.twinx()
+        for seed, points in sorted(curves[key]):
+            steps = [p["step"] for p in points]
+            line, = ax.plot(steps, [max(p["kl"], 1e-6) for p in points], "-", label=f"seed {seed} KL")
+            acc_ax.plot(steps, [100 * p["accuracy"] for p in points], ":", color=line.get_color())
+            kept = [p for p in points if p.get("best")]
+            if kept:
+                ax.scatter([kept[-1]["step"]], [max(kept[-1]["kl"], 1e-6)], s=90, facecolors="none",
+                           edgecolors=line.get_color())
+        ax.set_yscale("log")
+        ax.set_title(f"{key[0]} s{key[1]} at {key[2]:.2f} FLOPs", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("KL to dense (nats, solid)")
+        acc_ax.set_ylabel("validation accuracy % (dotted)")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle("finetune validation curves (circled: the kept step)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot(summary: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -430,7 +478,9 @@ def main(argv: list[str] | None = None) -> int:
               "per_model": by_model, "runs": rows}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot(summary, out / "accuracy_vs_flops.png")
-    _log(f"wrote {out / 'report.json'} and {out / 'accuracy_vs_flops.png'}")
+    curves = plot_validation(rows, out / "validation_curves.png")
+    _log(f"wrote {out / 'report.json'}, {out / 'accuracy_vs_flops.png'}"
+         + (f" and {out / 'validation_curves.png'}" if curves else ""))
     return 0
 
 

@@ -64,6 +64,10 @@ def test_small_pipeline_runs_end_to_end(zoo_model, tmp_path):
     assert model["below_calibrated"] == sum(r["accuracy"] < model["calibrated"] for r in finetuned)
     assert model["finetuned_mean"] == pytest.approx(sum(r["accuracy"] for r in finetuned) / 2)
     assert "(s1)" in accuracy.per_model_table([model])
+    assert accuracy.plot_validation(rows, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert not accuracy.plot_validation([r for r in rows if r["variant"] != "finetuned"], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
     for r in rows:
         assert "error" not in r, r.get("traceback")
         assert 0.0 <= r["accuracy"] <= 1.0
