@@ -204,7 +204,7 @@ def run_one(meta: dict, budgets: list[float], work: Path, small: bool, *, eval_r
         if "error" in r:
             continue
 
-        for ft_seed in finetune_seeds:
+        for ft_seed in dict.fromkeys(finetune_seeds):  # each seed once
             rows.append({**base, "variant": "finetuned", "budget": budget, "finetune_seed": ft_seed,
                          **_finetune(meta, work, tag, calibrated, cal_result, cal_key, train, test, test_key,
                                      ft_seed, finetune_steps, small)})
@@ -305,7 +305,8 @@ def table(summary: list[dict]) -> str:
 def per_model(rows: list[dict]) -> list[dict]:
     """Per zoo model and budget: dense and calibrated accuracy, the accuracy of each finetune seed, their mean,
     and the mean's difference from dense and from the calibrated input (fractions); ``below_calibrated``: how
-    many finetune seeds ended below their calibrated input."""
+    many of the finished finetune seeds ended below their calibrated input; ``failed``: seeds whose finetune or
+    evaluation failed (``None`` in ``finetuned``; left out of the mean and the count)."""
     out = []
     models = sorted({(r["task"], r["seed"]) for r in rows})
     for task, seed in models:
@@ -324,20 +325,27 @@ def per_model(rows: list[dict]) -> list[dict]:
                 "mean_vs_dense": None if mean is None or dense is None else mean - dense,
                 "mean_vs_calibrated": None if mean is None or cal is None else mean - cal,
                 "below_calibrated": None if cal is None else sum(a < cal for a in accs),
+                "failed": sum(a is None for a in fts.values()),
             })
     return out
 
 
 def per_model_table(models: list[dict]) -> str:
     def pct(x: float | None, signed: bool = False) -> str:
-        return "-" if x is None else (f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}")
+        if x is None:
+            return "-"
+        x = 0.0 if abs(x) < 5e-7 else x  # no "-0.00" from rounding noise
+        return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
 
     head = ("model", "FLOPs budget", "dense %", "calibrated %", "finetuned % (per finetune seed)", "mean",
             "mean - dense", "mean - calibrated", "seeds below calibrated")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
         each = " / ".join(f"{pct(a)} (s{k})" for k, a in sorted(m["finetuned"].items()))
-        below = "-" if m["below_calibrated"] is None else f"{m['below_calibrated']} of {len(m['finetuned'])}"
+        done = len(m["finetuned"]) - m["failed"]
+        below = "-" if m["below_calibrated"] is None else f"{m['below_calibrated']} of {done}"
+        if m["failed"]:
+            below += f" ({m['failed']} failed)"
         lines.append("| " + " | ".join([f"{m['task']} s{m['seed']}", f"{m['budget']:.2f}", pct(m["dense"]),
                                          pct(m["calibrated"]), each, pct(m["finetuned_mean"]),
                                          pct(m["mean_vs_dense"], True), pct(m["mean_vs_calibrated"], True),

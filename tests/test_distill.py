@@ -314,8 +314,9 @@ def test_a_step_that_answers_worse_than_the_input_is_never_kept():
 
 def test_a_trained_step_replaces_an_input_that_saturates_validation():
     """When the input already agrees with dense on every validation answer token, validation cannot rank it: a
-    trained step that agrees as well replaces it (and trained steps then compete by KL as usual); one that
-    disagrees, or answers worse, does not. Without saturation the KL decides as before."""
+    trained step that agrees as well, answers as many questions and stays within SATURATED_KL_SLACK of the input's
+    KL replaces it (and trained steps then compete by KL as usual); one that disagrees, answers worse, moves
+    further from dense or is the input unchanged does not. Without saturation the KL decides as before."""
     from pmod_convert.training.finetune import final_line
     from pmod_convert.training.validation import ValidationResult, better, saturated
 
@@ -324,12 +325,18 @@ def test_a_trained_step_replaces_an_input_that_saturates_validation():
     agrees_later = ValidationResult(258, 0.97, 1.0, 2.3e-4, 0.036, 100, 0)
     disagrees = ValidationResult(43, 0.96, 0.995, 1.4e-2, 0.05, 100, 0)
     answers_worse = ValidationResult(86, 0.95, 1.0, 1.5e-4, 0.05, 100, 0)
+    one_question_fewer = ValidationResult(99, 0.96, 1.0, 1.5e-4, 0.04, 100, 0)
+    far_from_dense = ValidationResult(120, 0.97, 1.0, 1.4e-4 + 2e-3, 0.04, 100, 0)  # agrees, but KL 15x the input's
+    unchanged = ValidationResult(1, 0.97, 1.0, 1.4e-4, 0.037, 100, 0)  # e.g. learning rate 0: the input itself
     assert saturated(start) and not saturated(agrees)  # only the input (step 0) can saturate
     for select_by in ("kl", "accuracy"):
         assert better(agrees, start, select_by, start)
         assert not better(agrees_later, agrees, select_by, start)  # trained steps: lower KL wins
         assert not better(disagrees, start, select_by, start)
         assert not better(answers_worse, start, select_by, start)
+        assert not better(one_question_fewer, start, select_by, start)  # saturated: no drop at all
+        assert not better(far_from_dense, start, select_by, start)  # beyond SATURATED_KL_SLACK
+        assert not better(unchanged, start, select_by, start)  # so --strict still sees "nothing beat the input"
     unsaturated = ValidationResult(0, 0.97, 0.995, 1.4e-4, 0.037, 100, 0)
     assert not saturated(unsaturated) and not better(agrees, unsaturated, "kl", unsaturated)  # KL decides
     v = {"on": "100 held-out training rows", "dense_accuracy": 0.97, "input": start.to_dict(),
