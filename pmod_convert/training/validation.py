@@ -81,7 +81,7 @@ def saturated(start: ValidationResult) -> bool:
 
 def replaces_saturated_input(a: ValidationResult, start: ValidationResult) -> bool:
     """True when trained step ``a`` replaces an input that :func:`saturated` validation: it still agrees with
-    dense on every answer token, answers every validation question the input answered (no drop at all), its KL
+    dense on every answer token, answers at least as many validation questions as the input, its KL
     to dense is within ``SATURATED_KL_SLACK`` of the input's, and it is not the input itself (a step whose KL
     and loss equal the input's bit for bit, e.g. at learning rate 0, changed nothing)."""
     return (saturated(start) and a.step > 0 and a.agreement >= start.agreement - 1e-9
