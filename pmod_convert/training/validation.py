@@ -96,8 +96,8 @@ def better(a: ValidationResult, b: ValidationResult, select_by: str, start: Vali
     input did is never better, whatever its KL (one question is the resolution of the measurement: on 50 rows
     a single answer moves accuracy by 2 points, and a step whose KL to dense fell threefold was otherwise
     refused over it). When validation is :func:`saturated` by the input, a trained step that passes
-    :func:`replaces_saturated_input` replaces the input: nothing measured says it is worse, and the training
-    objective says it is closer to dense; trained steps then compete with each other as usual.
+    :func:`replaces_saturated_input` replaces the input: nothing validation can resolve says it is worse, and it
+    has learned from the training rows; trained steps then compete with each other as usual.
     """
     if start is not None and a.accuracy < start.accuracy - 1.0 / max(a.samples, 1) - 1e-9:
         return False
