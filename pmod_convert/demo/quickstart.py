@@ -490,7 +490,7 @@ def summary_lines(report: QuickstartReport) -> list[str]:
     lines = [
         f"blind baseline (answering without the image): {100 * report.blind_accuracy:.1f}%",
         f"target ({t['goal']}): {verdict}: {t['model']} {100 * main.accuracy:.1f}% vs dense {100 * dense.accuracy:.1f}% "
-        f"({-t['accuracy_gap_points']:+.1f} points) at {100 * t['decoder_flops_ratio']:.1f}% FLOPs"
+        f"({round(-t['accuracy_gap_points'], 1) + 0.0:+.1f} points) at {100 * t['decoder_flops_ratio']:.1f}% FLOPs"
         + ("" if t["applies"] else " (--fast run: accuracy not meaningful)"),
         f"by question kind, dense -> {t['model']} (blind): " + ", ".join(
             f"{kind} {100 * dense.per_kind[kind]:.0f}->{100 * main.per_kind.get(kind, float('nan')):.0f}% "
