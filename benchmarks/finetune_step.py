@@ -28,6 +28,7 @@ import torch
 
 from pmod_convert import Recipe, add_routers
 from pmod_convert.adapters import adapter_by_family
+from pmod_convert.bench import allocator_mode
 from pmod_convert.efficiency import TextShape, estimate
 from pmod_convert.training import FinetuneSettings
 from pmod_convert.training.distill import Teacher
@@ -157,6 +158,7 @@ def measure(*, shape: str = "small", image_size: int = 336, patch: int = 14, tex
         "wall_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "forward_decoder_flops_ratio": est.decoder_flops_ratio, "steps": len(pairs), "mod_loss": settings.loss,
         "router_rank_coef": settings.router_rank_coef, "teacher": teacher is not None,
+        "allocator": allocator_mode(),
     }
 
 
@@ -180,8 +182,14 @@ def main() -> None:
                    help="MoD objective: mix = distillation + 0.5 x cross-entropy (the finetune's default)")
     p.add_argument("--router-rank-coef", type=float, default=1.0, help="0: no eager-attention ranking targets")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--retain-memory", action="store_true",
+                   help="glibc: keep freed memory for reuse (pmod_convert.bench.retain_freed_memory)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args()
+    if args.retain_memory:
+        from pmod_convert.bench import retain_freed_memory
+
+        retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 

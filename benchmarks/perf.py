@@ -10,6 +10,11 @@ one MoD / dense ratio. Pairs are added (``--repeats`` at least, ``--max-repeats`
 spread (q3 - q1) / median of the pair ratios is at most ``--target-spread``; a row that never got there says
 so (``settled: no``) instead of printing a number that looks precise. The process is pinned to ``--threads``
 CPUs (default: all it may use) with as many torch threads.
+``--retain-memory`` makes glibc keep freed memory for reuse first
+(``pmod_convert.bench.retain_freed_memory``): by default the C library page-faults large activations back in
+on every run, and which model pays for that depends on tensor sizes and order, not FLOPs (it moved the CPU
+prefill ratio by about 0.02 here); with it, no buffer is faulted in after the warm-up, as with a caching
+allocator.
 
 Rows per shape and batch size:
 
@@ -83,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2-3 pairs, 9 new tokens, short prompts: a smoke run")
     p.add_argument("--finetune-shape", default="small",
                    help="finetune_step.py shape of the finetune rows (small | qwen2-0.5b | none: skip them)")
+    p.add_argument("--retain-memory", action="store_true",
+                   help="glibc: keep freed memory for reuse (pmod_convert.bench.retain_freed_memory): no page faults "
+                        "after the first run, so the ratios reflect compute rather than which model the allocator "
+                        "makes page-fault")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     return p.parse_args(argv)
 
@@ -204,14 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     from pmod_convert.errors import PmodError
 
     try:
+        if args.retain_memory:
+            from pmod_convert.bench import retain_freed_memory
+
+            retain_freed_memory()
         rows, reports = run(args)
     except PmodError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     first = reports[0]["report"] if reports else {}
     print(f"{first.get('device', args.device)} ({first.get('device_name', platform.machine())}), "
-          f"{first.get('dtype', '-')}, {first.get('threads', '-')} thread(s) pinned to {first.get('pinned_cpus')}; "
-          "decode estimate = 1 / estimated decode FLOPs ratio")
+          f"{first.get('dtype', '-')}, {first.get('threads', '-')} thread(s) pinned to {first.get('pinned_cpus')}, "
+          f"allocator {first.get('allocator', 'default')}; decode estimate = 1 / estimated decode FLOPs ratio")
     print(format_table(rows))
     unsettled = [r for r in rows if not r.settled]
     if unsettled:

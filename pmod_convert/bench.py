@@ -51,6 +51,7 @@ __all__ = [
     "BenchReport",
     "ModelRun",
     "PromptPlan",
+    "allocator_mode",
     "bench",
     "build_prompts",
     "cache_bytes",
@@ -63,6 +64,7 @@ __all__ = [
     "ratio_spread",
     "report_header",
     "report_rows",
+    "retain_freed_memory",
     "save_report",
     "vision_layout",
 ]
@@ -387,6 +389,8 @@ class BenchReport:
     target_spread: float | None = None  # repeats continued until every spread was at most this (or max_repeats)
     converged: bool | None = None  # whether that happened; None when repeats were fixed
     pinned_cpus: list[int] | None = None  # the CPUs the process was pinned to while measuring (None: not pinned)
+    # "glibc, freed memory retained" after retain_freed_memory(); else "default" (the C library's own behaviour)
+    allocator: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -529,7 +533,49 @@ def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, 
                         seed=seed, memory=memory, progress=progress, label=label, max_repeats=max_repeats,
                         target_spread=target_spread)
     report.pinned_cpus = cpus
+    report.allocator = allocator_mode()
     return report
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_ALLOCATOR = {"mode": "default"}
+
+
+def retain_freed_memory() -> str:
+    """Make glibc's allocator keep freed memory for reuse, for the rest of this process (CPU timing).
+
+    By default glibc serves every allocation above a moving threshold (128 KiB at start, up to 32 MiB) with a
+    fresh ``mmap`` and returns heap memory to the system when more than twice that threshold is free at its top.
+    A forward pass then page-faults its large activations back in on every run, and which model pays more
+    depends on the sizes and order of its tensors, not on its FLOPs: measured on a 2-core machine (qwen2-0.5b
+    shape, 2 threads), the dense prefill paid enough to move the MoD / dense prefill ratio from 0.61-0.62 to
+    0.59, and the attention-scorer model's MLPs paid 40-70 ms per prefill more than the plain MoD model's on
+    the same token counts. This sets ``M_MMAP_THRESHOLD`` to 1 GiB and ``M_TRIM_THRESHOLD`` to 2 GiB - 1
+    (``mallopt(3)``): the behaviour of a caching allocator (jemalloc / tcmalloc, or PyTorch's own on CUDA),
+    where once the heap has grown to the run's peak, no buffer is faulted in again. It cannot be undone, so it is for
+    the start of a benchmark process (``--retain-memory`` of ``pmod-convert bench`` and ``benchmarks/``), not for
+    an application that imports pmod_convert. Returns the mode recorded in ``BenchReport.allocator``. Raises
+    ``BenchError`` where the C library is not glibc or refuses the setting.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        raise BenchError(f"retaining freed memory needs glibc's mallopt; this is {platform.system()} "
+                         f"{' '.join(platform.libc_ver()).strip() or 'without glibc'}: run without it")
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    for name, param, value in (("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, 1 << 30),
+                               ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, 2**31 - 1)):
+        if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
+            raise BenchError(f"glibc refused mallopt({name}, {value}); run without retaining freed memory")
+    _ALLOCATOR["mode"] = "glibc, freed memory retained"
+    return _ALLOCATOR["mode"]
+
+
+def allocator_mode() -> str:
+    """How this process's CPU allocator treats freed memory: "default" unless ``retain_freed_memory`` ran."""
+    return _ALLOCATOR["mode"]
 
 
 def _bench(mod_model, dense_model, *, batch_size, vision_tokens, text_tokens, new_tokens, warmup, repeats, device,
@@ -818,6 +864,8 @@ def report_header(report: BenchReport) -> list[str]:
                      + ("yes" if report.converged else f"NO, stopped at {report.repeats} pairs; the ratios are noisy"))
     if report.pinned_cpus is not None:
         lines.append(f"pinned to CPU(s) {report.pinned_cpus}")
+    if report.allocator != "default":
+        lines.append(f"allocator: {report.allocator}")
     return lines
 
 

@@ -1,6 +1,9 @@
 """``pmod_convert.bench`` / ``pmod-convert bench``: the measured report on tiny models (no timing assertions)."""
 
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -297,3 +300,48 @@ def test_ratio_spread_and_adaptive_repeats_with_pinned_threads():
     assert json.loads(calm.to_json())["spread"]["prefill_time"]["n"] == 2
     with pytest.raises(BenchError, match="target_spread"):
         bench(mod, dense, target_spread=float("nan"), **kw)
+
+
+_RETAIN_SCRIPT = r"""
+import json, resource, sys
+import torch
+from typer.testing import CliRunner
+from pmod_convert.bench import allocator_mode
+from pmod_convert.cli import app
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        x = torch.ones(12 << 20)  # 48 MiB: above glibc's largest dynamic mmap threshold (32 MiB)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults()
+mode_before = allocator_mode()
+out = sys.argv[1]
+result = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--vision-tokens", "8", "--text-tokens", "4",
+                                  "--new-tokens", "0", "--repeats", "1", "--warmup", "0", "--no-memory",
+                                  "--retain-memory", "--out", out])
+faults()  # the first use grows the heap once
+retained = faults()
+print(json.dumps({"default": default, "retained": retained, "before": mode_before, "after": allocator_mode(),
+                  "code": result.exit_code, "output": result.output}))
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="retain_freed_memory is glibc's mallopt")
+def test_retained_memory_stops_page_faults_and_is_reported(tmp_path):
+    # In a child process: the setting is process-wide and cannot be undone.
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-c", _RETAIN_SCRIPT, str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["code"] == 0, r["output"]
+    pages = (48 << 20) // 4096
+    assert r["default"] >= 4 * pages  # glibc maps and faults in each 48 MiB buffer afresh
+    assert r["retained"] < pages // 10  # reused without faulting
+    assert (r["before"], r["after"]) == ("default", "glibc, freed memory retained")
+    assert json.loads(out.read_text())["allocator"] == "glibc, freed memory retained"
+    assert "allocator: glibc, freed memory retained" in r["output"]

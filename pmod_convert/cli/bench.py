@@ -52,6 +52,9 @@ def bench_cmd(
         "--target-spread", help="Relative spread (q3 - q1) / median of the per-pair ratios to reach.")] = 0.03,
     threads: Annotated[Optional[int], typer.Option(
         "--threads", help="Pin the process to this many CPUs and torch threads while measuring.")] = None,
+    retain_memory: Annotated[bool, typer.Option(
+        "--retain-memory", help="CPU/glibc: keep freed memory for reuse (no page faults on every run), as a caching "
+                                "allocator does; for timing that reflects compute rather than allocator luck.")] = False,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="auto | float32 | float16 | bfloat16 (default: float32 for --shape, the checkpoint's own "
                         "dtype otherwise).")] = None,
@@ -77,11 +80,14 @@ def bench_cmd(
         pair_from_shape,
         report_header,
         report_rows,
+        retain_freed_memory,
         save_report,
     )
 
     check_workload(batch_size=batch_size, vision_tokens=vision_tokens, text_tokens=text_tokens,
                    new_tokens=new_tokens, warmup=warmup, repeats=repeats)
+    if retain_memory:
+        retain_freed_memory()
     schedule_options = (recipe, schedule, avg_ratio, max_ratio, min_ratio, ratio, layers, ratios)
     if (checkpoint is None) == (shape is None):
         raise BenchError("pass either a CHECKPOINT folder or --shape NAME (not both)")
