@@ -188,8 +188,12 @@ def main() -> None:
     args = p.parse_args()
     if args.retain_memory:
         from pmod_convert.bench import retain_freed_memory
+        from pmod_convert.errors import PmodError
 
-        retain_freed_memory()
+        try:
+            retain_freed_memory()
+        except PmodError as exc:
+            raise SystemExit(f"error: {exc}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -86,13 +86,13 @@ def bench_cmd(
 
     check_workload(batch_size=batch_size, vision_tokens=vision_tokens, text_tokens=text_tokens,
                    new_tokens=new_tokens, warmup=warmup, repeats=repeats)
-    if retain_memory:
-        retain_freed_memory()
     schedule_options = (recipe, schedule, avg_ratio, max_ratio, min_ratio, ratio, layers, ratios)
     if (checkpoint is None) == (shape is None):
         raise BenchError("pass either a CHECKPOINT folder or --shape NAME (not both)")
     if out is not None and out.is_dir():
         raise BenchError(f"--out {out} is a folder; pass a file name such as report.json")
+    if retain_memory:
+        retain_freed_memory()
     if shape is not None:
         if dense is not None:
             raise BenchError("--dense compares with a checkpoint; with --shape both models come from the shape")
