@@ -213,7 +213,7 @@ def main() -> None:
     print(f"LLaVA-like decoder {args.shape}: {result['layers']} layers x hidden {result['hidden']}, "
           f"{result['vision_tokens']} vision + {result['text_tokens']} text tokens, batch {args.batch_size}, "
           f"LoRA r {args.lora_r}, checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
-          f"{result['threads']} threads, MoD objective {args.loss}"
+          f"{result['threads']} threads, allocator {result['allocator']}, MoD objective {args.loss}"
           + (" + router ranking (teacher attention)" if result["teacher"] and args.router_rank_coef > 0 else ""))
     print(f"MoD layers {result['mod_layers']}: ratios {result['ratios']}")
     print(f"median step  dense {med['dense'] * 1e3:8.1f} ms   MoD {med['mod'] * 1e3:8.1f} ms   "

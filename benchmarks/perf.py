@@ -13,8 +13,8 @@ CPUs (default: all it may use) with as many torch threads.
 ``--retain-memory`` makes glibc keep freed memory for reuse first
 (``pmod_convert.bench.retain_freed_memory``): by default the C library page-faults large activations back in
 on every run, and which model pays for that depends on tensor sizes and order, not FLOPs (it moved the CPU
-prefill ratio by about 0.02 here); with it, no buffer is faulted in after the warm-up, as with a caching
-allocator.
+prefill ratio by about 0.02 here); with it, once the heap has grown to what the runs need (the warm-up),
+almost nothing is faulted in again, as with a caching allocator.
 
 Rows per shape and batch size:
 
@@ -176,7 +176,7 @@ def finetune_rows(args: argparse.Namespace, threads: int, reports: list[dict]) -
         print(f"[perf] {args.finetune_shape}: {measure} ...", file=sys.stderr, flush=True)
         settings = FinetuneSettings(lora_dropout=0.0, gradient_checkpointing=True, **changes).validate()
         with pinned_threads(threads):
-            result = finetune_step.measure(shape=args.finetune_shape, settings=settings, warmup=1,
+            result = finetune_step.measure(shape=args.finetune_shape, settings=settings, warmup=2,
                                            repeats=args.repeats, max_repeats=args.max_repeats,
                                            target_spread=args.target_spread)
         reports.append({"shape": args.finetune_shape, "batch_size": result["batch_size"], "measure": measure,
@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     from pmod_convert.errors import PmodError
 
     try:
+        if args.out is not None:
+            from pmod_convert.bench import check_report_path
+
+            check_report_path(args.out)
         if args.retain_memory:
             from pmod_convert.bench import retain_freed_memory
 
@@ -231,12 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(unsettled)} row(s) did not reach a relative spread of {args.target_spread} within "
               f"{args.max_repeats} pairs: their medians are noisy (rerun on a quieter machine or raise --max-repeats)")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(json.dumps({"rows": [asdict(r) for r in rows], "runs": reports,
-                                   "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                for k, v in vars(args).items()}}, indent=2))
-        os.replace(tmp, args.out)
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"rows": [asdict(r) for r in rows], "runs": reports,
+                                       "settings": {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in vars(args).items()}}, indent=2))
+            os.replace(tmp, args.out)
+        except OSError as exc:
+            print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"wrote {args.out}")
     return 0
 

@@ -56,6 +56,7 @@ __all__ = [
     "build_prompts",
     "cache_bytes",
     "cached_tokens",
+    "check_report_path",
     "check_workload",
     "format_report",
     "pair_from_checkpoint",
@@ -538,25 +539,35 @@ def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, 
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_ALLOCATOR = {"mode": "default"}
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_ALLOCATOR = {"mode": None}
+_GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_",
+              "MALLOC_ARENA_MAX")
 
 
 def retain_freed_memory() -> str:
     """Make glibc's allocator keep freed memory for reuse, for the rest of this process (CPU timing).
 
-    By default glibc serves every allocation above a moving threshold (128 KiB at start, up to 32 MiB) with a
-    fresh ``mmap`` and returns heap memory to the system when more than twice that threshold is free at its top.
-    A forward pass then page-faults its large activations back in on every run, and which model pays more
+    By default glibc gives every allocation above a moving threshold (128 KiB at start, raised up to 32 MiB as
+    such blocks are freed) a mapping of its own, unmapped again when it is freed, and returns free memory at the
+    top of its heap to the system above a trim threshold (128 KiB at start, then twice the mmap threshold). A
+    forward pass then page-faults many of its activations in again on every run, and which model pays more
     depends on the sizes and order of its tensors, not on its FLOPs: measured on a 2-core machine (qwen2-0.5b
-    shape, 2 threads), the dense prefill paid enough to move the MoD / dense prefill ratio from 0.61-0.62 to
-    0.59, and the attention-scorer model's MLPs paid 40-70 ms per prefill more than the plain MoD model's on
-    the same token counts. This sets ``M_MMAP_THRESHOLD`` to 1 GiB and ``M_TRIM_THRESHOLD`` to 2 GiB - 1
-    (``mallopt(3)``): the behaviour of a caching allocator (jemalloc / tcmalloc, or PyTorch's own on CUDA),
-    where once the heap has grown to the run's peak, no buffer is faulted in again. It cannot be undone, so it is for
-    the start of a benchmark process (``--retain-memory`` of ``pmod-convert bench`` and ``benchmarks/``), not for
-    an application that imports pmod_convert. Returns the mode recorded in ``BenchReport.allocator``. Raises
-    ``BenchError`` where the C library is not glibc or refuses the setting.
+    shape, 2 threads, 729 + 64 tokens), about 260,000 minor faults per dense prefill and 100,000-110,000 per
+    MoD prefill, which put the MoD / dense prefill ratio at 0.57-0.60 against 0.60-0.62 with freed memory
+    retained; in the attention-scorer
+    model the MLPs paid 40-70 ms per prefill more than the plain MoD model's on the same token counts.
+
+    This sets ``M_MMAP_MAX`` to 0 (no allocation gets a mapping of its own) and ``M_TRIM_THRESHOLD`` to
+    2 GiB - 1 (free heap memory is kept), with ``mallopt(3)``; every glibc version accepts both. Once the heap
+    has grown to what the runs need, buffers are reused without page faults, as with a caching allocator
+    (jemalloc / tcmalloc, or PyTorch's own on CUDA). Growing there can take a few runs (a benchmark's warm-up
+    should cover them), and freed blocks that do not fit new requests are kept too, so the process can hold a
+    multiple of its peak live memory. glibc's automatic threshold adjustment stays off for the rest of the
+    process: this is for the start of a benchmark process (``--retain-memory`` of ``pmod-convert bench`` and
+    ``benchmarks/``), not for an application that imports pmod_convert. Returns the mode recorded in
+    ``BenchReport.allocator``. Raises ``BenchError`` where the C library is not glibc, where ``malloc`` is not
+    glibc's (an ``LD_PRELOAD``ed jemalloc or tcmalloc: it already keeps freed memory), or where glibc refuses.
     """
     import ctypes
     import ctypes.util
@@ -565,8 +576,11 @@ def retain_freed_memory() -> str:
         raise BenchError(f"retaining freed memory needs glibc's mallopt; this is {platform.system()} "
                          f"{' '.join(platform.libc_ver()).strip() or 'without glibc'}: run without it")
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    for name, param, value in (("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, 1 << 30),
-                               ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, 2**31 - 1)):
+    used = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+    if used != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
+        raise BenchError("malloc here is not glibc's (an LD_PRELOADed allocator such as jemalloc or tcmalloc, which "
+                         "already keeps freed memory): run without retaining freed memory")
+    for name, param, value in (("M_MMAP_MAX", _M_MMAP_MAX, 0), ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, 2**31 - 1)):
         if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
             raise BenchError(f"glibc refused mallopt({name}, {value}); run without retaining freed memory")
     _ALLOCATOR["mode"] = "glibc, freed memory retained"
@@ -574,8 +588,20 @@ def retain_freed_memory() -> str:
 
 
 def allocator_mode() -> str:
-    """How this process's CPU allocator treats freed memory: "default" unless ``retain_freed_memory`` ran."""
-    return _ALLOCATOR["mode"]
+    """How this process's CPU allocator treats freed memory, as recorded in reports.
+
+    "glibc, freed memory retained" after ``retain_freed_memory``; else "default", with the glibc malloc
+    variables set in the environment named (``MALLOC_*_``, ``GLIBC_TUNABLES``) and ``LD_PRELOAD`` when set,
+    since they change the same behaviour.
+    """
+    if _ALLOCATOR["mode"] is not None:
+        return _ALLOCATOR["mode"]
+    env = [name for name in _GLIBC_ENV if os.environ.get(name)]
+    if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        env.append("GLIBC_TUNABLES")
+    if os.environ.get("LD_PRELOAD"):
+        env.append("LD_PRELOAD")
+    return "default" + (f" (environment sets {', '.join(env)})" if env else "")
 
 
 def _bench(mod_model, dense_model, *, batch_size, vision_tokens, text_tokens, new_tokens, warmup, repeats, device,
@@ -864,8 +890,7 @@ def report_header(report: BenchReport) -> list[str]:
                      + ("yes" if report.converged else f"NO, stopped at {report.repeats} pairs; the ratios are noisy"))
     if report.pinned_cpus is not None:
         lines.append(f"pinned to CPU(s) {report.pinned_cpus}")
-    if report.allocator != "default":
-        lines.append(f"allocator: {report.allocator}")
+    lines.append(f"allocator: {report.allocator}")
     return lines
 
 
@@ -931,26 +956,51 @@ def _plot(report: BenchReport, path: Path) -> None:
     plt.close(fig)
 
 
-def save_report(report: BenchReport, path: str | Path, *, plot: bool = True) -> list[Path]:
-    """Write ``path`` (JSON) and, with ``plot``, a PNG beside it; both appear only when both are complete."""
+def check_report_path(path: str | Path) -> Path:
+    """Refuse an output path a report cannot be written to, before anything is measured.
+
+    ``path`` is the JSON file (a PNG goes beside it). Raises ``BenchError`` when it is a folder, ends in ``.png``,
+    sits under a file instead of a folder, or its nearest existing folder is not writable. Returns it as a Path.
+    """
     path = Path(path)
     if path.is_dir():
         raise BenchError(f"{path} is a folder; pass a file name such as report.json")
     if path.suffix.lower() == ".png":
         raise BenchError(f"{path}: pass the JSON file name (report.json); the PNG is written beside it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BenchError(f"cannot write {path}: {parent} is a file, not a folder; pick another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BenchError(f"cannot write {path}: {parent} is not writable; pick another --out")
+    return path
+
+
+def save_report(report: BenchReport, path: str | Path, *, plot: bool = True) -> list[Path]:
+    """Write ``path`` (JSON) and, with ``plot``, a PNG beside it; both appear only when both are complete.
+
+    Raises ``BenchError`` for a path ``check_report_path`` refuses or one the system will not let us write.
+    """
+    path = check_report_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"cannot create the folder of {path}: {exc.strerror or exc}") from None
     targets = [path] + ([path.with_suffix(".png")] if plot else [])
     temps = []
-    for target in targets:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(handle)
-        temps.append(Path(name))
     try:
+        for target in targets:
+            handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(handle)
+            temps.append(Path(name))
         temps[0].write_text(report.to_json())
         if plot:
             _plot(report, temps[1])
         for tmp, target in zip(temps, targets):
             os.replace(tmp, target)
+    except OSError as exc:
+        raise BenchError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

@@ -345,3 +345,57 @@ def test_retained_memory_stops_page_faults_and_is_reported(tmp_path):
     assert (r["before"], r["after"]) == ("default", "glibc, freed memory retained")
     assert json.loads(out.read_text())["allocator"] == "glibc, freed memory retained"
     assert "allocator: glibc, freed memory retained" in r["output"]
+
+
+def test_unwritable_outputs_are_refused_before_measuring(tmp_path, monkeypatch):
+    from pmod_convert.bench import allocator_mode, check_report_path
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    target = blocker / "sub" / "report.json"
+    with pytest.raises(BenchError, match="is a file, not a folder"):
+        check_report_path(target)
+    with pytest.raises(BenchError, match="is a folder"):
+        check_report_path(tmp_path)
+    with pytest.raises(BenchError, match="pass the JSON file name"):
+        check_report_path(tmp_path / "report.png")
+    assert check_report_path(tmp_path / "new" / "deeper" / "r.json") == tmp_path / "new" / "deeper" / "r.json"
+    # the CLI refuses them in one line before building or timing anything
+    _one_line_error(*run("bench", "--shape", "tiny", "--out", target), "is a file, not a folder")
+    _one_line_error(*run("bench", "--shape", "tiny", "--out", tmp_path / "r.png"), "pass the JSON file name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+    # what the report records when the environment changes glibc's allocator instead
+    for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    assert allocator_mode() == "default"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1000000")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+    assert allocator_mode() == "default (environment sets MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES)"
+
+
+def test_perf_table_runs_and_refuses_a_bad_out(tmp_path, capsys):
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import perf
+    finally:
+        sys.path.pop(0)
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "perf.json"
+        assert perf.main(["--shapes", "tiny", "--quick", "--no-long", "--finetune-shape", "none", "--threads", "1",
+                          "--out", str(out)]) == 0
+        data = json.loads(out.read_text())
+        assert [r["measure"] for r in data["rows"]] == ["prefill", "routing overhead", "prefill, attention scorer",
+                                                        "decode, short context"]
+        assert all(r["report"]["allocator"].startswith("default") for r in data["runs"])
+        assert data["settings"]["retain_memory"] is False
+        capsys.readouterr()
+        assert perf.main(["--shapes", "tiny", "--quick", "--out", str(tmp_path)]) == 2  # a folder: refused first
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {tmp_path} is a folder; pass a file name such as report.json"]
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["perf.json"]

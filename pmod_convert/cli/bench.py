@@ -75,6 +75,7 @@ def bench_cmd(
     from ..bench import (
         BenchError,
         bench,
+        check_report_path,
         check_workload,
         pair_from_checkpoint,
         pair_from_shape,
@@ -91,6 +92,8 @@ def bench_cmd(
         raise BenchError("pass either a CHECKPOINT folder or --shape NAME (not both)")
     if out is not None and out.is_dir():
         raise BenchError(f"--out {out} is a folder; pass a file name such as report.json")
+    if out is not None:
+        check_report_path(out)
     if retain_memory:
         retain_freed_memory()
     if shape is not None:
