@@ -553,10 +553,10 @@ def retain_freed_memory() -> str:
     top of its heap to the system above a trim threshold (128 KiB at start, then twice the mmap threshold). A
     forward pass then page-faults many of its activations in again on every run, and which model pays more
     depends on the sizes and order of its tensors, not on its FLOPs: measured on a 2-core machine (qwen2-0.5b
-    shape, 2 threads, 729 + 64 tokens), about 260,000 minor faults per dense prefill and 100,000-110,000 per
-    MoD prefill, which put the MoD / dense prefill ratio at 0.57-0.60 against 0.60-0.62 with freed memory
-    retained; in the attention-scorer
-    model the MLPs paid 40-70 ms per prefill more than the plain MoD model's on the same token counts.
+    shape, 2 threads, 729 + 64 tokens), about 270,000 minor faults per dense prefill and 110,000-125,000 per
+    MoD prefill; in back-to-back runs of one script the MoD / dense prefill ratio was 0.58-0.60 with them and
+    0.60-0.61 with freed memory retained; in the attention-scorer model the MLPs paid 40-70 ms per prefill
+    more than the plain MoD model's on the same token counts.
 
     This sets ``M_MMAP_MAX`` to 0 (no allocation gets a mapping of its own) and ``M_TRIM_THRESHOLD`` to
     2 GiB - 1 (free heap memory is kept), with ``mallopt(3)``; every glibc version accepts both. Once the heap
