@@ -13,7 +13,7 @@ CPUs (default: all it may use) with as many torch threads.
 ``--retain-memory`` makes glibc keep freed memory for reuse first
 (``pmod_convert.bench.retain_freed_memory``): by default the C library page-faults large activations back in
 on every run, and which model pays for that depends on tensor sizes and order, not FLOPs (it moved the CPU
-prefill ratio by 0.01-0.02 in back-to-back runs here); with it, once the heap has grown to what the runs need (the warm-up),
+prefill ratio by 0.01-0.02 in back-to-back runs here, less than a row's swing between runs); with it, once the heap has grown to what the runs need (the warm-up),
 almost nothing is faulted in again, as with a caching allocator.
 
 Rows per shape and batch size:

@@ -539,7 +539,7 @@ def bench(mod_model: nn.Module, dense_model: nn.Module, *, batch_size: int = 1, 
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _ALLOCATOR = {"mode": None}
 _GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_",
               "MALLOC_ARENA_MAX")
@@ -558,16 +558,19 @@ def retain_freed_memory() -> str:
     0.60-0.61 with freed memory retained; in the attention-scorer model the MLPs paid 40-70 ms per prefill
     more than the plain MoD model's on the same token counts.
 
-    This sets ``M_MMAP_MAX`` to 0 (no allocation gets a mapping of its own) and ``M_TRIM_THRESHOLD`` to
-    2 GiB - 1 (free heap memory is kept), with ``mallopt(3)``; every glibc version accepts both. Once the heap
-    has grown to what the runs need, buffers are reused without page faults, as with a caching allocator
-    (jemalloc / tcmalloc, or PyTorch's own on CUDA). Growing there can take a few runs (a benchmark's warm-up
-    should cover them), and freed blocks that do not fit new requests are kept too, so the process can hold a
-    multiple of its peak live memory. glibc's automatic threshold adjustment stays off for the rest of the
-    process: this is for the start of a benchmark process (``--retain-memory`` of ``pmod-convert bench`` and
-    ``benchmarks/``), not for an application that imports pmod_convert. Returns the mode recorded in
-    ``BenchReport.allocator``. Raises ``BenchError`` where the C library is not glibc, where ``malloc`` is not
-    glibc's (an ``LD_PRELOAD``ed jemalloc or tcmalloc: it already keeps freed memory), or where glibc refuses.
+    This sets, with ``mallopt(3)``: ``M_ARENA_MAX`` 1 (every thread allocates from the main heap; a thread's own
+    arena would still map blocks over 64 MiB on their own), ``M_MMAP_MAX`` 0 (no allocation gets a mapping of
+    its own) and ``M_TRIM_THRESHOLD`` -1 (glibc reads it as SIZE_MAX: free heap memory is never given back).
+    Every glibc version accepts these. Once the heap has grown to what the runs need, buffers are reused with
+    almost no page faults, as with a caching allocator (jemalloc / tcmalloc, or PyTorch's own on CUDA). Growing
+    there can take a few runs (a benchmark's warm-up should cover them), and freed blocks that do not fit new
+    requests are kept too, so the process can hold several times its peak live memory (4-5x seen with
+    repeated 1.5 GiB tensors; about the same as the default for the 0.5B benchmark shapes). glibc's automatic
+    threshold adjustment stays off for the rest of the process: this is for the start of a benchmark process
+    (``--retain-memory`` of ``pmod-convert bench`` and ``benchmarks/``), not for an application that imports
+    pmod_convert. Returns the mode recorded in ``BenchReport.allocator``. Raises ``BenchError`` where the C
+    library is not glibc, where ``malloc`` is not glibc's (an ``LD_PRELOAD``ed jemalloc or tcmalloc: it already
+    keeps freed memory), or where glibc refuses.
     """
     import ctypes
     import ctypes.util
@@ -580,7 +583,9 @@ def retain_freed_memory() -> str:
     if used != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
         raise BenchError("malloc here is not glibc's (an LD_PRELOADed allocator such as jemalloc or tcmalloc, which "
                          "already keeps freed memory): run without retaining freed memory")
-    for name, param, value in (("M_MMAP_MAX", _M_MMAP_MAX, 0), ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, 2**31 - 1)):
+    # M_TRIM_THRESHOLD -1 is SIZE_MAX once glibc converts it: trimming off (malloc.c: "-1 disables trimming")
+    for name, param, value in (("M_ARENA_MAX", _M_ARENA_MAX, 1), ("M_MMAP_MAX", _M_MMAP_MAX, 0),
+                               ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, -1)):
         if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
             raise BenchError(f"glibc refused mallopt({name}, {value}); run without retaining freed memory")
     _ALLOCATOR["mode"] = "glibc, freed memory retained"
@@ -590,9 +595,10 @@ def retain_freed_memory() -> str:
 def allocator_mode() -> str:
     """How this process's CPU allocator treats freed memory, as recorded in reports.
 
-    "glibc, freed memory retained" after ``retain_freed_memory``; else "default", with the glibc malloc
-    variables set in the environment named (``MALLOC_*_``, ``GLIBC_TUNABLES``) and ``LD_PRELOAD`` when set,
-    since they change the same behaviour.
+    "glibc, freed memory retained" after ``retain_freed_memory``; else "default", naming the environment
+    variables that change the same behaviour when they are set: ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_MAX_``, ``MALLOC_TOP_PAD_``, ``MALLOC_ARENA_MAX``, a
+    ``GLIBC_TUNABLES`` with malloc settings, and ``LD_PRELOAD``.
     """
     if _ALLOCATOR["mode"] is not None:
         return _ALLOCATOR["mode"]
@@ -963,17 +969,20 @@ def check_report_path(path: str | Path) -> Path:
     sits under a file instead of a folder, or its nearest existing folder is not writable. Returns it as a Path.
     """
     path = Path(path)
-    if path.is_dir():
-        raise BenchError(f"{path} is a folder; pass a file name such as report.json")
-    if path.suffix.lower() == ".png":
-        raise BenchError(f"{path}: pass the JSON file name (report.json); the PNG is written beside it")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise BenchError(f"cannot write {path}: {parent} is a file, not a folder; pick another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BenchError(f"cannot write {path}: {parent} is not writable; pick another --out")
+    try:
+        if path.is_dir():
+            raise BenchError(f"{path} is a folder; pass a file name such as report.json")
+        if path.suffix.lower() == ".png":
+            raise BenchError(f"{path}: pass the JSON file name (report.json); the PNG is written beside it")
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise BenchError(f"cannot write {path}: {parent} is a file, not a folder; pick another --out")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise BenchError(f"cannot write {path}: {parent} is not writable; pick another --out")
+    except OSError as exc:
+        raise BenchError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 

@@ -360,6 +360,8 @@ def test_unwritable_outputs_are_refused_before_measuring(tmp_path, monkeypatch):
     with pytest.raises(BenchError, match="pass the JSON file name"):
         check_report_path(tmp_path / "report.png")
     assert check_report_path(tmp_path / "new" / "deeper" / "r.json") == tmp_path / "new" / "deeper" / "r.json"
+    with pytest.raises(BenchError, match="cannot write .*: File name too long"):  # the system refuses the name
+        check_report_path(tmp_path / ("a" * 300 + ".json"))
     # the CLI refuses them in one line before building or timing anything
     _one_line_error(*run("bench", "--shape", "tiny", "--out", target), "is a file, not a folder")
     _one_line_error(*run("bench", "--shape", "tiny", "--out", tmp_path / "r.png"), "pass the JSON file name")

@@ -90,8 +90,6 @@ def bench_cmd(
     schedule_options = (recipe, schedule, avg_ratio, max_ratio, min_ratio, ratio, layers, ratios)
     if (checkpoint is None) == (shape is None):
         raise BenchError("pass either a CHECKPOINT folder or --shape NAME (not both)")
-    if out is not None and out.is_dir():
-        raise BenchError(f"--out {out} is a folder; pass a file name such as report.json")
     if out is not None:
         check_report_path(out)
     if retain_memory:
