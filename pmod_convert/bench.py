@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, get_adapter
+from .checkpoint import check_writable
 from .devices import resolve_device
-from .errors import PmodError
+from .errors import CheckpointError, PmodError
 
 __all__ = [
     "BenchError",
@@ -966,7 +967,8 @@ def check_report_path(path: str | Path) -> Path:
     """Refuse an output path a report cannot be written to, before anything is measured.
 
     ``path`` is the JSON file (a PNG goes beside it). Raises ``BenchError`` when it is a folder, ends in ``.png``,
-    sits under a file instead of a folder, or its nearest existing folder is not writable. Returns it as a Path.
+    or fails ``checkpoint.check_writable`` (under a file instead of a folder, or its nearest existing folder not
+    writable), or when the system refuses the name (too long, no permission). Returns it as a Path.
     """
     path = Path(path)
     try:
@@ -974,13 +976,9 @@ def check_report_path(path: str | Path) -> Path:
             raise BenchError(f"{path} is a folder; pass a file name such as report.json")
         if path.suffix.lower() == ".png":
             raise BenchError(f"{path}: pass the JSON file name (report.json); the PNG is written beside it")
-        parent = path.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
-            raise BenchError(f"cannot write {path}: {parent} is a file, not a folder; pick another --out")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise BenchError(f"cannot write {path}: {parent} is not writable; pick another --out")
+        check_writable(path)
+    except CheckpointError as exc:
+        raise BenchError(str(exc)) from None
     except OSError as exc:
         raise BenchError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path

@@ -353,7 +353,7 @@ def test_unwritable_outputs_are_refused_before_measuring(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     target = blocker / "sub" / "report.json"
-    with pytest.raises(BenchError, match="is a file, not a folder"):
+    with pytest.raises(BenchError, match="is not a folder"):
         check_report_path(target)
     with pytest.raises(BenchError, match="is a folder"):
         check_report_path(tmp_path)
@@ -363,7 +363,7 @@ def test_unwritable_outputs_are_refused_before_measuring(tmp_path, monkeypatch):
     with pytest.raises(BenchError, match="cannot write .*: File name too long"):  # the system refuses the name
         check_report_path(tmp_path / ("a" * 300 + ".json"))
     # the CLI refuses them in one line before building or timing anything
-    _one_line_error(*run("bench", "--shape", "tiny", "--out", target), "is a file, not a folder")
+    _one_line_error(*run("bench", "--shape", "tiny", "--out", target), "a-file is not a folder")
     _one_line_error(*run("bench", "--shape", "tiny", "--out", tmp_path / "r.png"), "pass the JSON file name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
