@@ -13,8 +13,9 @@ CPUs (default: all it may use) with as many torch threads.
 ``--retain-memory`` makes glibc keep freed memory for reuse first
 (``pmod_convert.bench.retain_freed_memory``): by default the C library page-faults large activations back in
 on every run, and which model pays for that depends on tensor sizes and order, not FLOPs (it moved the CPU
-prefill ratio by 0.01-0.02 in back-to-back runs here, less than a row's swing between runs); with it, once the heap has grown to what the runs need (the warm-up),
-almost nothing is faulted in again, as with a caching allocator.
+prefill ratio by 0.01-0.02 in back-to-back runs here, less than a row's swing between runs); with it, once the
+heap has grown to what the runs need (the warm-up), almost nothing is faulted in again, as with a caching
+allocator.
 
 Rows per shape and batch size:
 
@@ -89,8 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-shape", default="small",
                    help="finetune_step.py shape of the finetune rows (small | qwen2-0.5b | none: skip them)")
     p.add_argument("--retain-memory", action="store_true",
-                   help="glibc: keep freed memory for reuse (pmod_convert.bench.retain_freed_memory): no page faults "
-                        "after the first run, so the ratios reflect compute rather than which model the allocator "
+                   help="glibc: keep freed memory for reuse (pmod_convert.bench.retain_freed_memory): almost no page "
+                        "faults once warmed up, so the ratios reflect compute rather than which model the allocator "
                         "makes page-fault")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     return p.parse_args(argv)

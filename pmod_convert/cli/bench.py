@@ -53,8 +53,9 @@ def bench_cmd(
     threads: Annotated[Optional[int], typer.Option(
         "--threads", help="Pin the process to this many CPUs and torch threads while measuring.")] = None,
     retain_memory: Annotated[bool, typer.Option(
-        "--retain-memory", help="CPU/glibc: keep freed memory for reuse (no page faults on every run), as a caching "
-                                "allocator does; for timing that reflects compute rather than allocator luck.")] = False,
+        "--retain-memory", help="CPU/glibc: keep freed memory for reuse (almost no page faults once warmed up), "
+                                "as a caching allocator does; for timing that reflects compute rather than "
+                                "allocator luck.")] = False,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="auto | float32 | float16 | bfloat16 (default: float32 for --shape, the checkpoint's own "
                         "dtype otherwise).")] = None,
