@@ -289,18 +289,25 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def table(summary: list[dict]) -> str:
-    def pct(x: float | None, signed: bool = False) -> str:
-        return "-" if x is None else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}")
+def _pct(x: float | None, signed: bool = False, digits: int = 1) -> str:
+    """A fraction as percent (points when ``signed``) with ``digits`` decimals; "-" for None, never "-0.0"."""
+    if x is None:
+        return "-"
+    x = 0.0 if abs(100 * x) < 0.5 * 10 ** -digits else x  # no "-0.0" from rounding noise
+    return f"{100 * x:+.{digits}f}" if signed else f"{100 * x:.{digits}f}"
 
+
+def table(summary: list[dict]) -> str:
     head = ("model", "variant", "FLOPs budget", "decoder FLOPs", "accuracy % (mean ± sd)", "Δ vs dense (pts)",
             "blind %", "runs")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
-        acc = "failed" if s["accuracy_mean"] is None else f"{pct(s['accuracy_mean'])} ± {pct(s['accuracy_spread'])}"
+        acc = ("failed" if s["accuracy_mean"] is None
+               else f"{_pct(s['accuracy_mean'])} ± {_pct(s['accuracy_spread'])}")
         seeds = f"{s['runs']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
-        lines.append("| " + " | ".join([s["task"], s["variant"], f"{s['budget']:.2f}", pct(s["decoder_flops_ratio"]),
-                                         acc, pct(s["delta_vs_dense"], True), pct(s["blind_accuracy"]), seeds]) + " |")
+        lines.append("| " + " | ".join([s["task"], s["variant"], f"{s['budget']:.2f}",
+                                         _pct(s["decoder_flops_ratio"]), acc, _pct(s["delta_vs_dense"], True),
+                                         _pct(s["blind_accuracy"]), seeds]) + " |")
     return "\n".join(lines)
 
 
@@ -334,10 +341,7 @@ def per_model(rows: list[dict]) -> list[dict]:
 
 def per_model_table(models: list[dict]) -> str:
     def pct(x: float | None, signed: bool = False) -> str:
-        if x is None:
-            return "-"
-        x = 0.0 if abs(x) < 5e-7 else x  # no "-0.00" from rounding noise
-        return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+        return _pct(x, signed, digits=2)
 
     head = ("model", "FLOPs budget", "dense %", "calibrated %", "finetuned % (per finetune seed)", "mean",
             "mean - dense", "mean - calibrated", "seeds below calibrated")
