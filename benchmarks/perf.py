@@ -44,6 +44,7 @@ Writes one JSON file (``--out``: every row's full ``BenchReport`` plus the summa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -86,9 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
     p.add_argument("--no-long", action="store_true", help="skip the long-context decode rows (they prefill 4x)")
-    p.add_argument("--quick", action="store_true", help="2-3 pairs, 9 new tokens, short prompts: a smoke run")
-    p.add_argument("--finetune-shape", default="small",
-                   help="finetune_step.py shape of the finetune rows (small | qwen2-0.5b | none: skip them)")
+    p.add_argument("--quick", action="store_true", help="2-3 pairs and 9 new tokens: a smoke run")
+    p.add_argument("--finetune-shape", default="small", choices=("small", "qwen2-0.5b", "none"),
+                   help="finetune_step.py shape of the finetune rows (none: skip them)")
     p.add_argument("--retain-memory", action="store_true",
                    help="glibc: keep freed memory for reuse (pmod_convert.bench.retain_freed_memory): almost no page "
                         "faults once warmed up, so the ratios reflect compute rather than which model the allocator "
@@ -107,6 +108,24 @@ def _row(shape, batch, measure, report, metric_key, estimate, target, ok) -> Row
                settled=settled, estimate=estimate, target=target, met=ok(sp["median"]) if settled else None)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line errors (``PmodError``) for bad settings, before any model is built: every shape name, every
+    batch size with the token counts and repeats as given (``--quick`` lowers them afterwards), the threads."""
+    from pmod_convert.bench import BenchError, check_workload
+    from pmod_convert.shapes import get_shape
+
+    for shape in args.shapes:
+        get_shape(shape)
+    for batch in args.batch_sizes:
+        for vision in (args.vision_tokens,) + (() if args.no_long else (4 * args.vision_tokens,)):
+            check_workload(batch_size=batch, vision_tokens=vision, text_tokens=args.text_tokens,
+                           new_tokens=args.new_tokens, warmup=1, repeats=args.repeats)
+    if args.max_repeats < args.repeats:
+        raise BenchError(f"--max-repeats ({args.max_repeats}) is below --repeats ({args.repeats})")
+    if args.threads is not None and args.threads < 1:
+        raise BenchError(f"--threads must be >= 1, got {args.threads}")
+
+
 def run(args: argparse.Namespace) -> tuple[list[Row], list[dict]]:
     from pmod_convert import Recipe, ScheduleSettings, add_routers, set_scorers
     from pmod_convert.adapters import get_adapter
@@ -116,6 +135,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[dict]]:
     if args.quick:
         args.repeats, args.max_repeats, args.new_tokens = 2, 3, 9
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    args.threads = threads  # the settings recorded in the JSON say what ran
     common = dict(text_tokens=args.text_tokens, warmup=1, repeats=args.repeats, max_repeats=args.max_repeats,
                   target_spread=args.target_spread, threads=threads, device=args.device, memory=False)
     rows: list[Row] = []
@@ -211,9 +231,11 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pmod_convert.bench import allocator_mode
     from pmod_convert.errors import PmodError
 
     try:
+        check_arguments(args)
         if args.out is not None:
             from pmod_convert.bench import check_report_path
 
@@ -240,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"rows": [asdict(r) for r in rows], "runs": reports,
+                                       "allocator": allocator_mode(),
                                        "settings": {k: (str(v) if isinstance(v, Path) else v)
                                                     for k, v in vars(args).items()}}, indent=2))
             os.replace(tmp, args.out)
@@ -247,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
             return 2
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         print(f"wrote {args.out}")
     return 0
 

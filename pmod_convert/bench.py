@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, get_adapter
-from .checkpoint import check_writable
+from .checkpoint import _umask, check_writable
 from .devices import resolve_device
 from .errors import CheckpointError, PmodError
 
@@ -963,12 +963,16 @@ def _plot(report: BenchReport, path: Path) -> None:
     plt.close(fig)
 
 
+_TEMP_NAME_EXTRA = 16  # bytes a temporary name adds to the report's: "." + "." + 8 random + ".tmp" (+ spare)
+
+
 def check_report_path(path: str | Path) -> Path:
     """Refuse an output path a report cannot be written to, before anything is measured.
 
     ``path`` is the JSON file (a PNG goes beside it). Raises ``BenchError`` when it is a folder, ends in ``.png``,
     or fails ``checkpoint.check_writable`` (under a file instead of a folder, or its nearest existing folder not
-    writable), or when the system refuses the name (too long, no permission). Returns it as a Path.
+    writable), when its name plus a temporary file's suffix is longer than the folder allows, or when the system
+    refuses the name (too long, no permission). Returns it as a Path.
     """
     path = Path(path)
     try:
@@ -977,6 +981,14 @@ def check_report_path(path: str | Path) -> Path:
         if path.suffix.lower() == ".png":
             raise BenchError(f"{path}: pass the JSON file name (report.json); the PNG is written beside it")
         check_writable(path)
+        parent = path.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        # the report goes through a temporary ".<name>.XXXXXXXX.tmp" beside it: that name must fit as well
+        if len(path.name.encode()) + _TEMP_NAME_EXTRA > os.pathconf(parent, "PC_NAME_MAX"):
+            raise BenchError(f"cannot write {path}: its name is too long for {parent} once written through a "
+                             f"temporary file; use a name of at most "
+                             f"{os.pathconf(parent, 'PC_NAME_MAX') - _TEMP_NAME_EXTRA} bytes")
     except CheckpointError as exc:
         raise BenchError(str(exc)) from None
     except OSError as exc:
@@ -1004,7 +1016,9 @@ def save_report(report: BenchReport, path: str | Path, *, plot: bool = True) -> 
         temps[0].write_text(report.to_json())
         if plot:
             _plot(report, temps[1])
+        mode = 0o666 & ~_umask()  # mkstemp makes 0600 files; a plain open() would honour the umask
         for tmp, target in zip(temps, targets):
+            os.chmod(tmp, mode)
             os.replace(tmp, target)
     except OSError as exc:
         raise BenchError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -1,6 +1,7 @@
 """``pmod_convert.bench`` / ``pmod-convert bench``: the measured report on tiny models (no timing assertions)."""
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -142,6 +143,9 @@ def test_cli_shape_writes_json_and_png(tmp_path):
     assert data["ratios"]["kv_bytes_prefill"] == pytest.approx(18 / 30)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json", "bench.png"]  # no temp files left
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.parent.iterdir()} == {0o666 & ~mask}  # as open() would make
 
 
 @pytest.fixture(scope="module")
@@ -362,6 +366,8 @@ def test_unwritable_outputs_are_refused_before_measuring(tmp_path, monkeypatch):
     assert check_report_path(tmp_path / "new" / "deeper" / "r.json") == tmp_path / "new" / "deeper" / "r.json"
     with pytest.raises(BenchError, match="cannot write .*: File name too long"):  # the system refuses the name
         check_report_path(tmp_path / ("a" * 300 + ".json"))
+    with pytest.raises(BenchError, match="too long .* once written through a temporary file"):  # legal name,
+        check_report_path(tmp_path / ("a" * 245 + ".json"))  # but its temporary file's name would not be
     # the CLI refuses them in one line before building or timing anything
     _one_line_error(*run("bench", "--shape", "tiny", "--out", target), "a-file is not a folder")
     _one_line_error(*run("bench", "--shape", "tiny", "--out", tmp_path / "r.png"), "pass the JSON file name")
@@ -393,11 +399,17 @@ def test_perf_table_runs_and_refuses_a_bad_out(tmp_path, capsys):
         assert [r["measure"] for r in data["rows"]] == ["prefill", "routing overhead", "prefill, attention scorer",
                                                         "decode, short context"]
         assert all(r["report"]["allocator"].startswith("default") for r in data["runs"])
+        assert data["allocator"].startswith("default") and data["settings"]["threads"] == 1
         assert data["settings"]["retain_memory"] is False
         capsys.readouterr()
         assert perf.main(["--shapes", "tiny", "--quick", "--out", str(tmp_path)]) == 2  # a folder: refused first
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {tmp_path} is a folder; pass a file name such as report.json"]
+        for bad, message in ((["--repeats", "0"], "repeats must be an integer >= 1"),
+                             (["--shapes", "tiny", "nope"], "unknown shape 'nope'"),
+                             (["--threads", "0"], "--threads must be >= 1")):  # refused before any model is built
+            assert perf.main(["--shapes", "tiny", "--quick", *bad]) == 2
+            assert message in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["perf.json"]
